@@ -1,0 +1,211 @@
+"""Wiring only: the public app and the admin app, their long-lived resources (cleanup_ctx) and middlewares."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway import auth_request, keys, login
+from gateway.config import Config
+from gateway.db import DB_UNAVAILABLE
+from gateway.db import groups as db_groups
+from gateway.db import migrate as db_migrate
+from gateway.db.server import create_pool
+from gateway.errors import GatewayError, Unauthenticated
+from gateway.gitlab import GitLabClient
+from gateway.headers import HeaderPolicy
+from gateway.metrics import Metrics
+from gateway.pages import NO_STORE, render
+from gateway.routes import RouteTable
+from gateway.sessions import SessionStore, running_listener
+
+log = logging.getLogger("gateway.app")
+access_log = logging.getLogger("gateway.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Readiness:
+    """Shared by the public and admin apps of a process: what /readyz reports."""
+
+    public_serving: bool = False
+    migrations_current: bool = False
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
+# ---- middlewares ---------------------------------------------------------------------------------------
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, domain errors -> pages/JSON, unexpected errors -> a 500 page without a traceback."""
+    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    request[keys.REQUEST_ID] = request_id
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except GatewayError as err:
+        status = err.status
+        return render(request, err, request_id=request_id)
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request_id})
+        return render(request, GatewayError("The gateway failed to handle this request"), request_id=request_id)
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics = request.app.get(keys.METRICS)
+        if metrics is not None:
+            metrics.request(status, elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            identity = request.get(keys.IDENTITY)
+            access_log.info("request", extra={
+                "request_id": request_id, "method": request.method, "path": request.rel_url.path,
+                "status": status, "duration_ms": round(elapsed * 1000, 2), "remote": request.remote,
+                "user": getattr(identity, "login", None),
+            })
+
+
+# ---- long-lived resources -------------------------------------------------------------------------------
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    pool = await create_pool(app[keys.DSN], size=cfg.database.pool_size)
+    app[keys.POOL] = pool
+    async with pool.acquire() as conn:
+        app[READINESS].migrations_current = not await db_migrate.pending(conn)
+        if app[READINESS].migrations_current:
+            await db_groups.rename_default(conn, cfg.provisioning.default_group)
+    yield
+    await pool.close()
+
+
+async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = SessionStore(app[keys.CONFIG], app[keys.POOL])
+    app[keys.SESSIONS] = store
+    async with running_listener(store, app[keys.DSN]):
+        yield
+
+
+async def gitlab_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    session = GitLabClient.make_session(cfg.gitlab)
+    app[keys.GITLAB] = GitLabClient(cfg.gitlab, session, on_request=app[keys.METRICS].gitlab_request)
+    yield
+    await session.close()
+
+
+def _base_app(cfg: Config, dsn: str, readiness: Readiness, metrics: Metrics) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
+    app[keys.CONFIG] = cfg
+    app[keys.DSN] = dsn
+    app[READINESS] = readiness
+    app[keys.METRICS] = metrics
+    return app
+
+
+def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = None,
+                      metrics: Metrics | None = None) -> web.Application:
+    """The public listener: {prefix}/* handlers and the catch-all proxy."""
+    from gateway import proxy  # the proxy pulls in the upstream client; keep import order one-way
+
+    app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
+    app[keys.HEADER_POLICY] = HeaderPolicy.from_config(cfg)
+    app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
+    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, proxy.upstream_ctx])
+    p = cfg.server.prefix
+    app.router.add_get(f"{p}/start", login.start)
+    app.router.add_get(f"{p}/callback", login.callback)
+    app.router.add_route("GET", f"{p}/sign_out", login.sign_out)
+    app.router.add_route("POST", f"{p}/sign_out", login.sign_out)
+    app.router.add_get(f"{p}/auth", auth_request.auth)
+    app.router.add_get(f"{p}/userinfo", auth_request.userinfo)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+# ---- admin listener -------------------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, headers=NO_STORE)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    readiness = request.app[READINESS]
+    problems = []
+    if not readiness.public_serving:
+        problems.append("public listener not serving yet")
+    try:
+        async with request.app[keys.POOL].acquire(timeout=2) as conn:
+            if await db_migrate.pending(conn):
+                problems.append("migrations pending (run: gateway migrate)")
+    except DB_UNAVAILABLE:
+        problems.append("database not answering")
+    status = 503 if problems else 200
+    return web.json_response({"status": "ready" if not problems else "not ready", "problems": problems},
+                             status=status, headers=NO_STORE)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    metrics = request.app[keys.METRICS]
+    with contextlib.suppress(*DB_UNAVAILABLE):
+        from gateway.db import sessions as db_sessions
+
+        async with request.app[keys.POOL].acquire(timeout=2) as conn:
+            metrics.sessions_active = await db_sessions.count_active(conn)
+    return web.Response(text=request.app[METRICS_SOURCE]().render(), content_type="text/plain",
+                        charset="utf-8", headers={"Cache-Control": "no-store"})
+
+
+METRICS_SOURCE: web.AppKey[Callable[[], Metrics]] = web.AppKey("metrics_source")
+
+
+@web.middleware
+async def bearer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every /api/v1 call needs `Authorization: Bearer <admin token>`, compared in constant time."""
+    if request.path.startswith("/api/"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        name = None
+        if scheme.lower() == "bearer" and presented:
+            for token in request.app[keys.CONFIG].admin.tokens:
+                # compare every token (no early exit) so timing does not tell which one nearly matched
+                if secrets.compare_digest(token.token.encode(), presented.strip().encode()):
+                    name = token.name
+        if name is None:
+            raise Unauthenticated("A valid admin bearer token is required",
+                                  advice="Send Authorization: Bearer <token>.")
+        request[ADMIN_ACTOR] = name
+    return await handler(request)
+
+
+ADMIN_ACTOR = web.RequestKey("admin_actor", str)
+
+
+def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = None,
+                     metrics: Metrics | None = None,
+                     metrics_source: Callable[[], Metrics] | None = None) -> web.Application:
+    """The admin listener: /healthz, /readyz, /metrics and the /api/v1 JSON API."""
+    from gateway import admin_api
+
+    app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
+    app.middlewares.append(bearer_middleware)
+    app[METRICS_SOURCE] = metrics_source or (lambda: app[keys.METRICS])
+    app.cleanup_ctx.append(database_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    admin_api.add_routes(app)
+    return app

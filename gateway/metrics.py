@@ -1,0 +1,112 @@
+"""Prometheus metrics of SPEC §9, rendered as text on the admin listener.
+
+Each process counts its own; with several workers the admin listener's process adds up the snapshots the
+workers publish (see workers.py), so every counter is the sum over processes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def merge(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+
+@dataclass
+class Metrics:
+    counters: dict[str, dict[Labels, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    histograms: dict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
+    sessions_active: int = 0
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self.counters[name][tuple(sorted(labels.items()))] += value
+
+    def observe(self, name: str, seconds: float) -> None:
+        self.histograms[name].observe(seconds)
+
+    # Named helpers so call sites cannot misspell a metric.
+    def request(self, code: int, seconds: float) -> None:
+        self.inc("gateway_requests_total", code=str(code))
+        self.observe("gateway_request_duration_seconds", seconds)
+
+    def upstream(self, seconds: float) -> None:
+        self.observe("gateway_upstream_duration_seconds", seconds)
+
+    def login(self, result: str) -> None:
+        self.inc("gateway_logins_total", result=result)
+
+    def group_changes(self, added: int, removed: int) -> None:
+        if added:
+            self.inc("gateway_group_sync_changes_total", added, op="add")
+        if removed:
+            self.inc("gateway_group_sync_changes_total", removed, op="remove")
+
+    def gitlab_request(self, endpoint: str, code: int) -> None:
+        self.inc("gateway_gitlab_requests_total", endpoint=endpoint, code=str(code))
+
+    # ---- cross-process -----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "counters": {n: [[list(map(list, k)), v] for k, v in c.items()] for n, c in self.counters.items()},
+            "histograms": {n: [h.counts, h.total] for n, h in self.histograms.items()},
+        }
+
+    def merge_snapshot(self, snap: dict[str, object]) -> None:
+        counters = snap.get("counters", {})
+        assert isinstance(counters, dict)
+        for name, items in counters.items():
+            for key, value in items:
+                self.counters[name][tuple((str(a), str(b)) for a, b in key)] += float(value)
+        histograms = snap.get("histograms", {})
+        assert isinstance(histograms, dict)
+        for name, (counts, total) in histograms.items():
+            self.histograms[name].merge(Histogram(list(counts), float(total)))
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for name in sorted(self.counters):
+            lines.append(f"# TYPE {name} counter")
+            for labels, value in sorted(self.counters[name].items()):
+                lines.append(f"{name}{_labels(labels)} {_num(value)}")
+        for name in sorted(self.histograms):
+            h = self.histograms[name]
+            lines.append(f"# TYPE {name} histogram")
+            running = 0
+            for bound, count in zip((*BUCKETS, float("inf")), h.counts, strict=True):
+                running += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'{name}_bucket{{le="{le}"}} {running}')
+            lines.append(f"{name}_sum {h.total!r}")
+            lines.append(f"{name}_count {running}")
+        lines.append("# TYPE gateway_sessions_active gauge")
+        lines.append(f"gateway_sessions_active {self.sessions_active}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else repr(value)

@@ -1,0 +1,54 @@
+"""Turning errors into answers: an HTML page for browsers, JSON for everything else (one middleware)."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+
+from aiohttp import web
+
+from gateway.errors import GatewayError
+
+log = logging.getLogger("gateway.pages")
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{title}</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#222}}
+h1{{font-size:1.4rem}} .code{{color:#777;font-size:.85rem}} a.button{{display:inline-block;padding:.5rem 1rem;
+background:#554488;color:#fff;border-radius:4px;text-decoration:none}}</style></head>
+<body><h1 id="title">{title}</h1><p id="message">{message}</p><p id="advice">{advice}</p>{link}
+<p class="code">Error {status} · {code}{request_id}</p></body></html>
+"""
+
+
+def wants_html(request: web.BaseRequest) -> bool:
+    """Browsers navigating (GET/HEAD accepting HTML) get pages and redirects; API clients get JSON."""
+    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
+
+
+def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "") -> web.Response:
+    headers = dict(NO_STORE)
+    if err.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    if not wants_html(request):
+        body = {"error": err.code, "message": err.message}
+        return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
+                            headers=headers)
+    link = ""
+    if err.retry_url:
+        link = f'<p><a class="button" id="retry" href="{html.escape(err.retry_url)}">Try again</a></p>'
+    page = _PAGE.format(
+        title=html.escape(err.title), message=html.escape(err.message), advice=html.escape(err.advice),
+        link=link, status=err.status, code=html.escape(err.code),
+        request_id=f" · request {html.escape(request_id)}" if request_id else "",
+    )
+    return web.Response(status=err.status, text=page, content_type="text/html", headers=headers)
+
+
+def redirect(location: str) -> web.Response:
+    """A 302 whose Location is exactly `location`: no re-encoding (what was validated is what is sent)."""
+    return web.Response(status=302, headers={"Location": location, **NO_STORE})

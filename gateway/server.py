@@ -1,0 +1,81 @@
+"""`gateway run`: resolve the database, apply migrations, serve the public and admin listeners until
+SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (up to SHUTDOWN_GRACE seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import asyncpg
+from aiohttp import web
+
+from gateway.app import Readiness, create_admin_app, create_public_app
+from gateway.config import Config
+from gateway.db import migrate as db_migrate
+from gateway.db.server import describe, resolve_dsn
+from gateway.errors import DatabaseUnavailable
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.server")
+
+SHUTDOWN_GRACE = 30.0
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn, timeout=10)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {describe(dsn)} ({type(exc).__name__}); check that the server is "
+            "running and reachable, and the user, password and database name in database.dsn") from None
+
+
+async def prepare_database(cfg: Config, *, apply_migrations: bool) -> str:
+    """The DSN to serve from, with migrations applied (unless told not to)."""
+    dsn = await resolve_dsn(cfg.database)
+    conn = await connect(dsn)
+    try:
+        if apply_migrations:
+            applied = await db_migrate.migrate(conn)
+            if applied:
+                log.info("migrations applied", extra={"versions": applied})
+    finally:
+        await conn.close()
+    return dsn
+
+
+async def start_site(runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False) -> web.TCPSite:
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    await site.start()
+    return site
+
+
+async def serve(cfg: Config, *, apply_migrations: bool = True, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set or SIGTERM/SIGINT arrives."""
+    dsn = await prepare_database(cfg, apply_migrations=apply_migrations)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    readiness, metrics = Readiness(), Metrics()
+    public = web.AppRunner(create_public_app(cfg, dsn, readiness=readiness, metrics=metrics),
+                           access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+    admin = web.AppRunner(create_admin_app(cfg, dsn, readiness=readiness, metrics=metrics),
+                          access_log=None, handle_signals=False)
+    await public.setup()
+    await admin.setup()
+    try:
+        await start_site(public, cfg.server.listen.host, cfg.server.listen.port)
+        await start_site(admin, cfg.admin.listen.host, cfg.admin.listen.port)
+        readiness.public_serving = True
+        log.info("serving", extra={"public": str(cfg.server.listen), "admin": str(cfg.admin.listen),
+                                   "public_url": cfg.server.public_url, "upstream": cfg.upstream.url})
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        readiness.public_serving = False
+        await admin.cleanup()
+        await public.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

