@@ -8,7 +8,7 @@ import asyncpg
 from asyncpg import exceptions as pg
 
 # What "the database is unavailable" means (503, nothing half-applied): the server cannot be reached, went
-# away, is shutting down, is out of connections, or is a read-only standby after a failover. Anything else
+# away, is shutting down, is out of connections, refuses connections, or is a read-only standby after a failover. Anything else
 # (a constraint, a bad argument) is a bug or a rule and must not be disguised as an outage.
 DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -17,4 +17,7 @@ DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
     pg.OperatorInterventionError,
     pg.InsufficientResourcesError,
     pg.ReadOnlySQLTransactionError,
+    pg.InvalidCatalogNameError,  # the database itself is gone
+    pg.ObjectNotInPrerequisiteStateError,  # "database is not currently accepting connections"
+    asyncpg.InterfaceError,  # the connection closed under us
 )

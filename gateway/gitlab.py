@@ -1,0 +1,453 @@
+"""The GitLab client: authorize URL, code exchange, the user, their groups (every page) and userinfo.
+
+Every failure becomes a `GatewayError` (SPEC §5 rule 1: any GitLab error, timeout, 429 or incomplete listing
+fails the sign-in, so nothing is ever synchronized from partial data). Messages and logs never carry tokens,
+secrets or response bodies: only endpoint labels, statuses and GitLab's short error codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import re
+import secrets
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from gateway.config import ConfigError, GitLabConfig
+from gateway.errors import GitLabUnavailable, InvalidState, SignInRefused
+
+log = logging.getLogger("gateway.gitlab")
+
+USER_AGENT: Final = "gateway/0.1"
+PER_PAGE: Final = 100
+MAX_PAGES: Final = 1000
+# Connecting should be quick even when answering is slow; the total still bounds each request.
+CONNECT_TIMEOUT: Final = 5.0
+_BLOCKED_STATES: Final = frozenset({"blocked", "ldap_blocked", "blocked_pending_approval", "banned"})
+_SHORT_CODE = re.compile(r"[a-z_]{1,40}")
+_MISCONFIGURED: Final = "gitlab_misconfigured"
+
+
+@dataclass(frozen=True, slots=True)
+class GitLabUser:
+    id: int
+    username: str
+    name: str
+    email: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class GitLabGroup:
+    full_path: str
+    id: int | None  # None when the groups come from the userinfo claim (it carries paths only)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    access_token: str = field(repr=False)
+    id_token: str | None = field(repr=False)
+    scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class SignInData:
+    user: GitLabUser
+    groups: tuple[GitLabGroup, ...] | None  # None when the caller did not need groups
+
+
+def s256(verifier: str) -> str:
+    """The RFC 7636 S256 code challenge of a verifier."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A fresh (verifier, S256 challenge): 48 random bytes give 64 url-safe characters."""
+    verifier = secrets.token_urlsafe(48)
+    return verifier, s256(verifier)
+
+
+def random_token(nbytes: int = 32) -> str:
+    """An unguessable url-safe string for state and nonce values."""
+    return secrets.token_urlsafe(nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    endpoint: str
+    status: int
+    headers: CIMultiDictProxy[str]
+    links: Mapping[str, Mapping[str, Any]]
+    body: bytes
+
+
+def _short_code(value: object) -> str | None:
+    """GitLab's machine error code (invalid_grant, ...) when it is one; never free text."""
+    return value if isinstance(value, str) and _SHORT_CODE.fullmatch(value) else None
+
+
+class GitLabClient:
+    """Talks to one GitLab over one shared `ClientSession` (see `make_session`)."""
+
+    def __init__(self, cfg: GitLabConfig, session: aiohttp.ClientSession,
+                 on_request: Callable[[str, int], None] | None = None) -> None:
+        self._cfg = cfg
+        self._session = session
+        self._on_request = on_request
+
+    @staticmethod
+    def make_session(cfg: GitLabConfig) -> aiohttp.ClientSession:
+        """The one session for GitLab: bounded timeouts, the configured CA, our User-Agent."""
+        ssl_ctx: ssl.SSLContext | bool = True
+        if cfg.ca_file:
+            try:
+                ssl_ctx = ssl.create_default_context(cafile=cfg.ca_file)
+            except OSError as exc:  # ssl.SSLError is one: not PEM, or no certificate in it
+                raise ConfigError([f"gitlab.ca_file: cannot load {cfg.ca_file} as a CA bundle: "
+                                   f"{exc.strerror or exc}"]) from None
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout, connect=min(cfg.timeout, CONNECT_TIMEOUT)),
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx),
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            raise_for_status=False,
+        )
+
+    # ---------------------------------------------------------------------------------------------------
+    # OAuth
+
+    def authorize_url(self, *, state: str, code_challenge: str, redirect_uri: str, nonce: str | None) -> str:
+        """Where to send the browser to sign in at GitLab."""
+        params = {
+            "client_id": self._cfg.client_id,
+            "redirect_uri": redirect_uri,
+            "response_type": "code",
+            "state": state,
+            # Always explicit: GitLab defaults an omitted scope to `api`.
+            "scope": " ".join(self._cfg.scopes),
+            "code_challenge": code_challenge,
+            "code_challenge_method": "S256",
+        }
+        if nonce is not None:
+            params["nonce"] = nonce
+        return f"{self._cfg.url}/oauth/authorize?{urlencode(params, quote_via=quote)}"
+
+    async def exchange_code(self, code: str, *, code_verifier: str, redirect_uri: str) -> TokenResponse:
+        """Trade the callback's code for tokens (HTTP Basic client authentication)."""
+        answer = await self._request(
+            "token", "POST", "/oauth/token", auth=self._client_auth(),
+            data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                  "code_verifier": code_verifier},
+        )
+        if answer.status == 400:
+            error = _error_code(answer)
+            if error in ("invalid_grant", "invalid_request"):
+                raise InvalidState("GitLab refused the sign-in code (it expired or was already used)",
+                                   advice="Start the sign-in again.")
+            if error in ("invalid_scope", "unauthorized_client", "unsupported_grant_type"):
+                raise GitLabUnavailable(
+                    f"GitLab refused the gateway's OAuth application ({error}): check gitlab.scopes "
+                    "and the application's settings in GitLab", code=_MISCONFIGURED)
+            raise GitLabUnavailable(f"GitLab refused the code exchange ({error or 'HTTP 400'})")
+        if answer.status == 401:
+            raise GitLabUnavailable(
+                "GitLab did not accept the gateway's OAuth application credentials: "
+                "check gitlab.client_id and gitlab.client_secret", code=_MISCONFIGURED,
+                advice="An administrator must fix the gateway's GitLab application settings.")
+        body = _ok_json(answer)
+        if not isinstance(body, dict):
+            raise _shape(answer)
+        access_token, token_type = body.get("access_token"), body.get("token_type")
+        id_token, scope = body.get("id_token"), body.get("scope", "")
+        if (not isinstance(access_token, str) or not access_token or not isinstance(token_type, str)
+                or token_type.lower() != "bearer" or not isinstance(scope, str)
+                or not (id_token is None or isinstance(id_token, str))):
+            raise _shape(answer)
+        return TokenResponse(access_token=access_token, id_token=id_token, scope=scope)
+
+    async def revoke(self, token: str) -> None:
+        """Revoke a token at GitLab; best effort, never raises."""
+        try:
+            await self._request("revoke", "POST", "/oauth/revoke", auth=self._client_auth(),
+                                data={"token": token})
+        except Exception:
+            # Revocation is a courtesy: signing out must not fail because GitLab did not answer.
+            log.debug("gitlab revoke failed")
+
+    # ---------------------------------------------------------------------------------------------------
+    # Identity
+
+    async def fetch_user(self, token: str) -> GitLabUser:
+        """GET /api/v4/user; a blocked (or otherwise inactive) account is refused."""
+        answer = await self._request("user", "GET", "/api/v4/user", token=token)
+        body = _ok_json(answer)
+        if not isinstance(body, dict):
+            raise _shape(answer)
+        uid, username, state = body.get("id"), body.get("username"), body.get("state")
+        name, email = body.get("name"), body.get("email")
+        if (not isinstance(uid, int) or isinstance(uid, bool) or not isinstance(username, str) or not username
+                or not isinstance(state, str) or not isinstance(name, str | None)
+                or not isinstance(email, str | None)):
+            raise _shape(answer)
+        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state=state)
+        if user.state != "active":
+            raise _inactive(user.state)
+        return user
+
+    async def fetch_groups(self, token: str) -> tuple[GitLabGroup, ...]:
+        """Every page of the user's groups (direct membership >= Guest, plus descendants), or an error."""
+        groups: dict[int, GitLabGroup] = {}
+        page, total = 1, None
+        for _ in range(MAX_PAGES):
+            answer = await self._request(
+                "groups", "GET", "/api/v4/groups", token=token,
+                params={"min_access_level": "10", "per_page": str(PER_PAGE), "page": str(page)},
+            )
+            items = _ok_json(answer)
+            if not isinstance(items, list):
+                raise _shape(answer)
+            for item in items:
+                group = _group(item)
+                if group is None or group.id is None:
+                    raise _shape(answer)
+                # An offset listing that shifts while we page repeats an item; X-Total below catches the loss.
+                groups.setdefault(group.id, group)
+            total = _int_header(answer, "X-Total", total)
+            next_page = _next_page(answer, page, len(items))
+            if next_page is None:
+                break
+            page = next_page
+        else:
+            raise GitLabUnavailable(
+                f"GitLab listed more than {MAX_PAGES} pages of groups; refusing a possibly partial listing")
+        if total is not None and total != len(groups):
+            raise GitLabUnavailable(
+                f"GitLab's group listing was incomplete ({len(groups)} of {total} groups); "
+                "it may have changed during sign-in")
+        return tuple(groups.values())
+
+    async def fetch_userinfo(self, token: str) -> tuple[GitLabUser, tuple[GitLabGroup, ...]]:
+        """GET /oauth/userinfo: the user and the `groups` claim (paths only)."""
+        user, groups = await self._userinfo(token, need_groups=True)
+        assert groups is not None
+        return user, groups
+
+    async def sign_in_data(self, token: str, *, need_groups: bool) -> SignInData:
+        """Everything a sign-in needs from GitLab, from the configured source; all of it or an error."""
+        if self._cfg.groups_source == "userinfo":
+            user, groups = await self._userinfo(token, need_groups=need_groups)
+            return SignInData(user, groups)
+        if not need_groups:
+            return SignInData(await self.fetch_user(token), None)
+        # Both run to completion (return_exceptions) so that the error raised does not depend on timing.
+        got_user, got_groups = await asyncio.gather(
+            self.fetch_user(token), self.fetch_groups(token), return_exceptions=True)
+        failures = [r for r in (got_user, got_groups) if isinstance(r, BaseException)]
+        if failures:
+            # A refusal says more to the user than "GitLab is unavailable": prefer it when both failed.
+            raise next((f for f in failures if isinstance(f, SignInRefused)), failures[0])
+        assert isinstance(got_user, GitLabUser) and isinstance(got_groups, tuple)
+        return SignInData(got_user, got_groups)
+
+    async def _userinfo(self, token: str, *,
+                        need_groups: bool) -> tuple[GitLabUser, tuple[GitLabGroup, ...] | None]:
+        answer = await self._request("userinfo", "GET", "/oauth/userinfo", token=token)
+        if answer.status == 403 and not answer.body.strip():
+            raise GitLabUnavailable("GitLab refused the userinfo request: gitlab.scopes must include openid",
+                                    code=_MISCONFIGURED)
+        body = _ok_json(answer)
+        if not isinstance(body, dict):
+            raise _shape(answer)
+        sub = body.get("sub")
+        username = body.get("preferred_username") or body.get("nickname")
+        name, email = body.get("name"), body.get("email")
+        uid = int(sub) if isinstance(sub, str) and sub.isascii() and sub.isdigit() else sub
+        if (not isinstance(uid, int) or isinstance(uid, bool) or not isinstance(username, str)
+                or not isinstance(name, str | None) or not isinstance(email, str | None)):
+            raise _shape(answer)
+        # GitLab issues no token to a blocked user, so a userinfo answer means an active account.
+        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state="active")
+        if not need_groups:
+            return user, None
+        claim = body.get("groups")
+        # The claim is always present (possibly []); its absence is not "no groups" and must not drive a sync.
+        if not isinstance(claim, list) or not all(isinstance(g, str) and g for g in claim):
+            raise _shape(answer)
+        return user, tuple(GitLabGroup(path, None) for path in dict.fromkeys(claim))
+
+    # ---------------------------------------------------------------------------------------------------
+    # Transport and error mapping
+
+    def _client_auth(self) -> str:
+        """HTTP Basic credentials, built by hand: aiohttp.BasicAuth is deprecated and its replacement raises
+        on a ':' in the login, an error that would escape as a raw ValueError."""
+        pair = f"{self._cfg.client_id}:{self._cfg.client_secret}".encode()
+        return f"Basic {base64.b64encode(pair).decode('ascii')}"
+
+    async def _request(self, endpoint: str, method: str, path: str, *, token: str | None = None,
+                       params: Mapping[str, str] | None = None, data: Mapping[str, str] | None = None,
+                       auth: str | None = None) -> _Answer:
+        authorization = f"Bearer {token}" if token is not None else auth
+        headers = {"Authorization": authorization} if authorization is not None else None
+        try:
+            # Redirects are not followed: the API never redirects, and a redirect (http -> https, a moved
+            # GitLab) would turn the token POST into a GET or carry the bearer token elsewhere.
+            async with self._session.request(method, f"{self._cfg.url}{path}", params=params, data=data,
+                                             headers=headers, allow_redirects=False) as resp:
+                body = await resp.read()
+                answer = _Answer(endpoint, resp.status, resp.headers, _links(resp), body)
+        except aiohttp.ClientConnectorCertificateError:
+            self._record(endpoint, 0)
+            raise GitLabUnavailable(
+                "GitLab's TLS certificate is not trusted: set gitlab.ca_file to its CA bundle",
+                code=_MISCONFIGURED) from None
+        except TimeoutError:  # also aiohttp.ServerTimeoutError
+            self._record(endpoint, 0)
+            raise GitLabUnavailable(f"GitLab did not answer the {endpoint} request in time "
+                                    f"(gitlab.timeout is {self._cfg.timeout:g} seconds)") from None
+        except aiohttp.ClientError as exc:
+            self._record(endpoint, 0)
+            raise GitLabUnavailable(
+                f"Cannot reach GitLab for the {endpoint} request ({type(exc).__name__}): check gitlab.url "
+                "and the network") from None
+        self._record(endpoint, answer.status)
+        return answer
+
+    def _record(self, endpoint: str, status: int) -> None:
+        log.debug("gitlab %s -> %s", endpoint, status)
+        if self._on_request is not None:
+            self._on_request(endpoint, status)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading answers
+
+
+def _json(body: bytes) -> Any:
+    """The parsed body; a ValueError (UnicodeDecodeError is one) when it is not JSON."""
+    return json.loads(body)
+
+
+def _ok_json(answer: _Answer) -> Any:
+    """The JSON body of a 200, or the error that the status means."""
+    _raise_for_status(answer)
+    try:
+        return _json(answer.body)
+    except ValueError:
+        raise GitLabUnavailable(f"GitLab answered the {answer.endpoint} request with invalid JSON") from None
+
+
+def _json_object(answer: _Answer) -> dict[str, Any]:
+    """The body as a JSON object, or {} (error answers may be empty, HTML or plain text)."""
+    try:
+        body = _json(answer.body)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _error_code(answer: _Answer) -> str | None:
+    """The OAuth `error` of an error answer when it is a machine code; never free text."""
+    return _short_code(_json_object(answer).get("error"))
+
+
+def _raise_for_status(answer: _Answer) -> None:
+    status, endpoint = answer.status, answer.endpoint
+    if status == 200:
+        return
+    if status == 429:
+        retry = answer.headers.get("Retry-After", "").strip()
+        when = f"in {retry} seconds" if retry.isascii() and retry.isdigit() else "in a moment"
+        raise GitLabUnavailable(f"GitLab is rate limiting the gateway (HTTP 429 on {endpoint})",
+                                advice=f"GitLab asked us to slow down. Sign in again {when}.")
+    if status == 401:
+        # It was issued a moment ago: GitLab itself is confused, or the user was blocked meanwhile.
+        raise GitLabUnavailable(f"GitLab rejected the access token it had just issued ({endpoint}, HTTP 401)")
+    if status == 403:
+        body = _json_object(answer)
+        if body.get("error") == "insufficient_scope":
+            raise GitLabUnavailable(f"The access token lacks a scope the {endpoint} request needs: check "
+                                    "gitlab.scopes (read_user and read_api for groups_source api)",
+                                    code=_MISCONFIGURED)
+        message = body.get("message")
+        message = message.lower() if isinstance(message, str) else ""
+        if "blocked" in message:
+            raise _inactive("blocked")
+        if "terms of service" in message:
+            raise SignInRefused("You have not accepted GitLab's Terms of Service", code="gitlab_terms",
+                                advice="Sign in to GitLab, accept its terms, then sign in here again.")
+        raise GitLabUnavailable(f"GitLab refused the {endpoint} request (HTTP 403)")
+    if 300 <= status < 400 or status == 404:
+        raise GitLabUnavailable(f"GitLab answered HTTP {status} to the {endpoint} request: check gitlab.url",
+                                code=_MISCONFIGURED)
+    raise GitLabUnavailable(f"GitLab answered HTTP {status} to the {endpoint} request")
+
+
+def _links(resp: aiohttp.ClientResponse) -> Mapping[str, Mapping[str, Any]]:
+    """The parsed Link header; a malformed one counts as absent (pagination then fails safe)."""
+    try:
+        return resp.links
+    except ValueError:
+        return {}
+
+
+def _shape(answer: _Answer) -> GitLabUnavailable:
+    return GitLabUnavailable(f"GitLab's answer to the {answer.endpoint} request has an unexpected shape")
+
+
+def _inactive(state: str) -> SignInRefused:
+    if state in _BLOCKED_STATES:
+        message = "Your GitLab account is blocked"
+    else:
+        message = f"Your GitLab account is not active ({_short_code(state) or 'unknown state'})"
+    return SignInRefused(message, code="blocked",
+                         advice="Ask a GitLab administrator to unblock your account, then sign in again.")
+
+
+def _group(item: object) -> GitLabGroup | None:
+    if not isinstance(item, dict):
+        return None
+    gid, full_path = item.get("id"), item.get("full_path")
+    if not isinstance(gid, int) or isinstance(gid, bool) or not isinstance(full_path, str) or not full_path:
+        return None
+    return GitLabGroup(full_path, gid)
+
+
+def _int_header(answer: _Answer, name: str, default: int | None) -> int | None:
+    value = answer.headers.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isascii() or not value.isdigit():
+        raise GitLabUnavailable(f"GitLab sent an invalid {name} header on the {answer.endpoint} request")
+    return int(value)
+
+
+def _next_page(answer: _Answer, page: int, count: int) -> int | None:
+    """The page after `page`, None on the last one; anything but page + 1 would skip or repeat data."""
+    if "X-Next-Page" in answer.headers:
+        raw = answer.headers["X-Next-Page"].strip()
+    elif (link := answer.links.get("next")) is not None:
+        # Only the page number is used: the link names GitLab's external_url, which may differ from ours.
+        raw = str(link["url"].query.get("page", "")) or "(none)"
+    elif count >= PER_PAGE:
+        # A full page with no pagination headers (a proxy stripped them?) may not be the last one.
+        raise GitLabUnavailable("GitLab sent no pagination headers for a full page of groups; "
+                                "refusing a possibly partial listing")
+    else:
+        raw = ""
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or int(raw) != page + 1:
+        raise GitLabUnavailable(
+            f"GitLab's group pagination is inconsistent (page {page} points to {raw[:10]!r})")
+    return int(raw)

@@ -1,0 +1,38 @@
+"""Who is making the request: a signed-in `Identity`, or `ANONYMOUS` (handlers never see None)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Final, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A signed-in user as the proxy reports them: login, email and the names of their local groups."""
+
+    is_authenticated: ClassVar[Literal[True]] = True
+
+    user_id: int
+    login: str
+    email: str
+    groups: tuple[str, ...]
+    # Precomputed once per session-cache entry: the proxy sends it on every request (SPEC §4).
+    groups_csv: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.groups))
+        object.__setattr__(self, "groups", ordered)
+        object.__setattr__(self, "groups_csv", ",".join(ordered))
+
+
+class Anonymous:
+    """Stands in for a visitor with no valid session; use the `ANONYMOUS` singleton."""
+
+    __slots__ = ()
+    is_authenticated: ClassVar[Literal[False]] = False
+
+    def __repr__(self) -> str:
+        return "ANONYMOUS"
+
+
+ANONYMOUS: Final = Anonymous()

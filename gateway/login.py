@@ -1,0 +1,163 @@
+"""The sign-in handlers of SPEC §4: {prefix}/start, {prefix}/callback, {prefix}/sign_out.
+
+The sign-in state (state, PKCE verifier, nonce, where to go back) travels in a short-lived encrypted cookie
+named after the state, so several tabs can sign in at once without overwriting each other's state; its Path
+is the prefix, so it never reaches the upstream tool's pages.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from urllib.parse import quote
+
+from aiohttp import web
+from aiohttp_session import Session
+from cryptography.fernet import InvalidToken
+
+from gateway import keys, provisioning
+from gateway.db import DB_UNAVAILABLE
+from gateway.db import audit as db_audit
+from gateway.errors import DatabaseUnavailable, Forbidden, GatewayError, GitLabUnavailable, InvalidState
+from gateway.gitlab import pkce_pair, random_token
+from gateway.pages import redirect
+from gateway.redirects import safe_redirect
+from gateway.sessions import SessionStore
+
+log = logging.getLogger("gateway.login")
+
+STATE_TTL = 600  # seconds: SPEC §4, "a short-lived (10 min) signed cookie"
+
+
+def _state_cookie_name(store: SessionStore, state: str) -> str:
+    # Only a prefix of the state: enough to tell tabs apart; the full state is checked inside the cookie.
+    return f"{store.cookie_name}_state_{state[:12]}"
+
+
+def _safe_rd(request: web.Request) -> str:
+    cfg = request.app[keys.CONFIG]
+    return safe_redirect(request.query.get("rd"), own_host=cfg.server.public_host,
+                         allowed_domains=cfg.server.allowed_redirect_domains)
+
+
+def start_url(prefix: str, rd: str) -> str:
+    return f"{prefix}/start?rd={quote(rd, safe='')}"
+
+
+async def start(request: web.Request) -> web.Response:
+    """Begin sign-in: remember state + PKCE verifier in a cookie bound to this browser, go to GitLab."""
+    cfg = request.app[keys.CONFIG]
+    store = request.app[keys.SESSIONS]
+    rd = _safe_rd(request)
+    state = random_token()
+    verifier, challenge = pkce_pair()
+    nonce = random_token() if "openid" in cfg.gitlab.scopes else None
+    sealed = store.fernet.encrypt(json.dumps({"state": state, "verifier": verifier, "nonce": nonce, "rd": rd})
+                                  .encode()).decode()
+    url = request.app[keys.GITLAB].authorize_url(state=state, code_challenge=challenge,
+                                                  redirect_uri=cfg.server.callback_url, nonce=nonce)
+    response = redirect(url)
+    response.set_cookie(_state_cookie_name(store, state), sealed, max_age=STATE_TTL, path=cfg.server.prefix,
+                        secure=cfg.cookie_secure, httponly=True, samesite="Lax")
+    return response
+
+
+def _open_state(request: web.Request, store: SessionStore) -> dict[str, str | None]:
+    state = request.query.get("state", "")
+    if not state:
+        raise InvalidState("The sign-in answer from GitLab carries no state")
+    sealed = request.cookies.get(_state_cookie_name(store, state))
+    if not sealed:
+        raise InvalidState("This sign-in was not started in this browser, or it has expired")
+    try:
+        data = json.loads(store.fernet.decrypt(sealed.encode(), ttl=STATE_TTL))
+    except (InvalidToken, ValueError):
+        raise InvalidState("This sign-in has expired or its state was tampered with") from None
+    if not isinstance(data, dict) or not hmac.compare_digest(str(data.get("state", "")).encode(), state.encode()):
+        raise InvalidState("The sign-in state does not match")
+    return data
+
+
+async def callback(request: web.Request) -> web.Response:
+    """Finish sign-in: check state, exchange the code, apply SPEC §5, open a NEW session."""
+    cfg = request.app[keys.CONFIG]
+    store = request.app[keys.SESSIONS]
+    metrics = request.app[keys.METRICS]
+    prefix = cfg.server.prefix
+    try:
+        data = _open_state(request, store)
+        rd = str(data.get("rd") or "/")
+        retry = start_url(prefix, rd)
+        error = request.query.get("error")
+        if error == "access_denied":
+            raise Forbidden("You declined to let this application use your GitLab account", code="access_denied",
+                            advice="Sign in again and choose Authorize to continue.", retry_url=retry)
+        if error:
+            raise GitLabUnavailable(f"GitLab could not complete the sign-in ({error[:64]})", retry_url=retry)
+        code = request.query.get("code")
+        if not code:
+            raise InvalidState("GitLab's answer carries no authorization code", retry_url=retry)
+        gitlab = request.app[keys.GITLAB]
+        try:
+            token = await gitlab.exchange_code(code, code_verifier=str(data["verifier"]),
+                                               redirect_uri=cfg.server.callback_url)
+            need_groups = cfg.provisioning.sync_groups or bool(cfg.provisioning.allowed_groups)
+            fetched = await gitlab.sign_in_data(token.access_token, need_groups=need_groups)
+        except GatewayError as err:
+            err.retry_url = err.retry_url or retry
+            raise
+        try:
+            result = await provisioning.sign_in(request.app[keys.POOL], cfg.provisioning, fetched.user,
+                                                fetched.groups, bind_groups=cfg.gitlab.groups_source == "api")
+        except GatewayError as err:
+            err.retry_url = err.retry_url or retry
+            raise
+        # GitLab tokens are not kept (SPEC §6): our session stands on its own from here.
+        await gitlab.revoke(token.access_token)
+    except GatewayError as err:
+        err.retry_url = err.retry_url or start_url(prefix, "/")
+        metrics.login(err.code)
+        log.info("sign-in failed", extra={"reason": err.code, "status": err.status})
+        raise
+    previous = store.request_ref(request)
+    pool = request.app[keys.POOL]
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            sid, expires = await store.create(conn, result.identity, user_agent=request.headers.get("User-Agent", ""),
+                                              client_ip=request.remote or "")
+    except DB_UNAVAILABLE as exc:  # the sign-in itself is committed, the session is not: just retry
+        log.error("session creation failed", extra={"error": type(exc).__name__})
+        raise DatabaseUnavailable(retry_url=start_url(prefix, rd)) from None
+    if previous is not None and previous.sid != sid:
+        await store.revoke(previous.sid)
+    store.remember(sid, result.identity, expires)
+    metrics.login("success")
+    metrics.group_changes(len(result.added), len(result.removed))
+    response = redirect(rd)
+    # A fresh aiohttp-session Session, never the one the browser came with: no session fixation.
+    session = Session(None, data=None, new=True, max_age=int(store.lifetime))
+    session["sid"], session["uid"] = sid, result.identity.user_id
+    await store.storage().save_session(request, response, session)
+    response.del_cookie(_state_cookie_name(store, request.query["state"]), path=prefix)
+    log.info("signed in", extra={"user": result.user.login, "new_user": result.created,
+                                 "added": list(result.added), "removed": list(result.removed)})
+    return response
+
+
+async def sign_out(request: web.Request) -> web.Response:
+    """Revoke the server-side session, clear the cookie, go to the validated `rd`."""
+    cfg = request.app[keys.CONFIG]
+    store = request.app[keys.SESSIONS]
+    rd = _safe_rd(request)
+    ref = store.request_ref(request)
+    if ref is not None:
+        identity = await store.lookup(ref.sid)
+        if await store.revoke(ref.sid) is not None and identity is not None:
+            await db_audit.record(request.app[keys.POOL], identity.login, "sign_out", identity.login,
+                                  session=ref.sid[:8])
+    response = redirect(rd)
+    response.del_cookie(store.cookie_name, path="/", secure=cfg.cookie_secure, httponly=True,
+                        samesite=cfg.session.samesite)
+    return response
+

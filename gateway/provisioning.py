@@ -1,0 +1,197 @@
+"""The sign-in rules of SPEC §5 (2-8; rule 1, the fetch, is gitlab.py), applied in ONE transaction.
+
+Concurrency: a transaction-scoped advisory lock per GitLab user id serializes sign-ins of the same person
+(20 tabs at once make one row), different people run in parallel; the unique indexes on users.gitlab_id and
+lower(login) and the primary key of memberships are the last line of defence. Groups about to be bound are
+locked in id order before any membership is written, so two sign-ins cannot deadlock; a deadlock or
+serialization failure PostgreSQL still reports is retried from the start, with nothing half-applied.
+A refusal rolls the transaction back and is audited in a transaction of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from gateway.config import ProvisioningConfig
+from gateway.db import DB_UNAVAILABLE
+from gateway.db import audit as db_audit
+from gateway.db import groups as db_groups
+from gateway.db import notify as db_notify
+from gateway.db import users as db_users
+from gateway.errors import DatabaseUnavailable, SignInRefused
+from gateway.gitlab import GitLabGroup, GitLabUser
+from gateway.identity import Identity
+
+log = logging.getLogger("gateway.provisioning")
+
+ACTOR = "gitlab-sign-in"
+RETRIES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SignInResult:
+    user: db_users.User
+    identity: Identity
+    created: bool
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    binding_mismatches: tuple[str, ...] = field(default=())
+
+
+class _Refusal(Exception):
+    """Raised inside the transaction to roll it back; turned into SignInRefused after the audit."""
+
+    def __init__(self, code: str, message: str, advice: str, details: dict[str, object]) -> None:
+        super().__init__(message)
+        self.code, self.message, self.advice, self.details = code, message, advice, details
+
+
+def in_allowed_groups(groups: tuple[GitLabGroup, ...], allowed: tuple[str, ...]) -> bool:
+    """Rule 2: some group equals an allowed path or lies below it (case-sensitive; `acme-corp` is not in `acme`)."""
+    return any(g.full_path == a or g.full_path.startswith(a + "/") for g in groups for a in allowed)
+
+
+async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
+                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool) -> SignInResult:
+    """Apply rules 2-8 for a GitLab user already fetched; raise SignInRefused on a refusal."""
+    try:
+        if user.state != "active":
+            raise _Refusal("blocked", "Your GitLab account is not active",
+                           "Ask a GitLab administrator to unblock your account.", {"state": user.state})
+        if cfg.allowed_groups and (groups is None or not in_allowed_groups(groups, cfg.allowed_groups)):
+            raise _Refusal(
+                "not_allowed",
+                "You are not allowed to sign in: you are not a member of an allowed GitLab group",
+                "Ask to be added to one of the allowed GitLab groups, then sign in again.",
+                {"allowed_groups": list(cfg.allowed_groups)})
+        for attempt in range(RETRIES):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await _apply(conn, cfg, user, groups, bind_groups=bind_groups)
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+            except asyncpg.UniqueViolationError as exc:
+                # Another row took this login between our check and our write (a rename race).
+                if "login" in (exc.constraint_name or "") and attempt < RETRIES - 1:
+                    continue
+                raise
+        raise AssertionError("unreachable")
+    except _Refusal as refusal:
+        await _audit_refusal(pool, user, refusal)
+        raise SignInRefused(refusal.message, code=refusal.code, advice=refusal.advice) from None
+    except DB_UNAVAILABLE as exc:
+        log.exception("provisioning failed", extra={"error": type(exc).__name__})
+        raise DatabaseUnavailable() from None
+
+
+async def _audit_refusal(pool: asyncpg.Pool, user: GitLabUser, refusal: _Refusal) -> None:
+    try:
+        await db_audit.record(pool, ACTOR, "sign_in.refused", user.username, reason=refusal.code,
+                              gitlab_id=user.id, **refusal.details)
+    except DB_UNAVAILABLE:
+        log.error("could not audit a refused sign-in", extra={"reason": refusal.code})
+
+
+async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUser,
+                 groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool) -> SignInResult:
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
+    # Rule 3: find by GitLab id, else a pre-provisioned unlinked row by username.
+    user = await db_users.by_gitlab_id_for_update(conn, gl.id)
+    created = False
+    holder = await db_users.by_login(conn, gl.username, for_update=True)
+    if user is None and holder is not None and holder.gitlab_id is None:
+        user = holder  # link it below by writing gitlab_id
+    if user is None:
+        # Rule 4: a new user.
+        if not cfg.allow_signup:
+            raise _Refusal("signup_disabled", "Sign-up is disabled: ask an administrator to create your account",
+                           "An administrator must create your account before you can sign in.", {})
+        if holder is not None:
+            raise _username_taken(gl, holder)
+        user = await db_users.insert(conn, gitlab_id=gl.id, login=gl.username, name=gl.name, email=gl.email,
+                                     provisioned_by="jit")
+        created = True
+        await db_audit.record(conn, ACTOR, "user.created", user.login, gitlab_id=gl.id, provisioned_by="jit")
+    else:
+        # Rule 5: an existing user.
+        if not user.active:
+            raise _Refusal("deactivated", "Your account is deactivated",
+                           "Only an administrator can reactivate it.", {"login": user.login})
+        if holder is not None and holder.id != user.id:
+            raise _username_taken(gl, holder)
+        linked = user.gitlab_id is None
+        if linked or (user.login, user.name, user.email) != (gl.username, gl.name, gl.email):
+            before = user
+            user = await db_users.refresh_profile(conn, user.id, gitlab_id=gl.id, login=gl.username,
+                                                  name=gl.name, email=gl.email)
+            changes = {k: [getattr(before, k), getattr(user, k)] for k in ("login", "name", "email")
+                       if getattr(before, k) != getattr(user, k)}
+            await db_audit.record(conn, ACTOR, "user.linked" if linked else "user.updated", user.login,
+                                  gitlab_id=gl.id, **changes)
+    default = await db_groups.default_group(conn)
+    await db_users.add_membership(conn, user.id, default.id, "default")
+    added: list[str] = []
+    removed: list[str] = []
+    mismatches: list[str] = []
+    if cfg.sync_groups and groups is not None:
+        added, removed, mismatches = await _sync(conn, cfg, user.id, groups, default.id, bind_groups=bind_groups)
+        if added or removed:
+            await db_notify.notify(conn, "user", user.id)
+    user = await db_users.mark_signed_in(conn, user.id, synced=cfg.sync_groups and groups is not None)
+    await db_audit.record(conn, ACTOR, "sign_in", user.login, gitlab_id=gl.id, added=added, removed=removed,
+                          synced=cfg.sync_groups)
+    names = sorted(m.name for m in await db_users.memberships(conn, user.id))
+    identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=tuple(names))
+    return SignInResult(user, identity, created, tuple(added), tuple(removed), tuple(mismatches))
+
+
+def _username_taken(gl: GitLabUser, holder: db_users.User) -> _Refusal:
+    return _Refusal(
+        "username_taken",
+        f"The username {gl.username} is already used by another account here",
+        "Ask an administrator to rename or remove the other account, then sign in again.",
+        {"login": gl.username, "held_by_gitlab_id": holder.gitlab_id})
+
+
+async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
+                groups: tuple[GitLabGroup, ...], default_id: int, *, bind_groups: bool
+                ) -> tuple[list[str], list[str], list[str]]:
+    """Rules 6 and 7: make the user's memberships match their GitLab groups that exist locally."""
+    by_path = {g.full_path: g for g in groups}
+    candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
+    if bind_groups:
+        await db_groups.lock_for_binding(conn, [g.id for g in candidates if g.gitlab_group_id is None])
+        candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
+    target: dict[int, str] = {}
+    mismatches: list[str] = []
+    for local in candidates:
+        gitlab_id = by_path[local.name].id
+        if not bind_groups or gitlab_id is None:
+            target[local.id] = local.name
+        elif local.gitlab_group_id is None:
+            await db_groups.bind(conn, local.id, gitlab_id)
+            await db_audit.record(conn, ACTOR, "group.bound", local.name, gitlab_group_id=gitlab_id)
+            target[local.id] = local.name
+        elif local.gitlab_group_id == gitlab_id:
+            target[local.id] = local.name
+        else:
+            mismatches.append(local.name)
+            await db_audit.record(conn, ACTOR, "group.binding_mismatch", local.name,
+                                  bound_gitlab_group_id=local.gitlab_group_id, seen_gitlab_group_id=gitlab_id,
+                                  message="a GitLab group with this path but another id was ignored")
+    current = await db_users.memberships(conn, user_id)
+    have = {m.group_id for m in current}
+    added = []
+    for gid in sorted(set(target) - have):
+        if await db_users.add_membership(conn, user_id, gid, "sync"):
+            added.append(target[gid])
+    drop = [m for m in current if m.group_id not in target and m.group_id != default_id
+            and (m.source == "sync" or not cfg.keep_manual_memberships)]
+    await db_users.remove_memberships(conn, user_id, [m.group_id for m in drop])
+    return sorted(added), sorted(m.name for m in drop), mismatches

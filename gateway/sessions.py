@@ -1,0 +1,286 @@
+"""Sessions (SPEC §6): the encrypted cookie, the server-side row, and the per-process identity cache.
+
+The cookie is aiohttp-session's EncryptedCookieStorage format (Fernet over JSON {"created", "session"}),
+written at sign-in through aiohttp-session with a MultiFernet so that every configured secret decrypts and the
+first encrypts. Reading is on the hot path of every proxied request, so it is done here without
+aiohttp-session: the one cookie is cut straight out of the Cookie header and its decryption remembered per
+cookie string; the identity behind the session id comes from a bounded cache that is refreshed at most every
+`check_interval` and dropped at once by LISTEN/NOTIFY (see `listen`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+from aiohttp import web
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from gateway.config import Config
+from gateway.db import DB_UNAVAILABLE
+from gateway.db import notify as db_notify
+from gateway.db import sessions as db_sessions
+from gateway.db import users as db_users
+from gateway.errors import DatabaseUnavailable
+from gateway.identity import ANONYMOUS, Anonymous, Identity
+
+log = logging.getLogger("gateway.sessions")
+
+DECODE_MEMO_SIZE = 20_000
+CACHE_SIZE = 50_000
+# A session id unknown to the database is remembered as "nobody" only briefly: it cannot become valid later
+# (ids are random and new at every sign-in), the short time only bounds memory churn under cookie spraying.
+NEGATIVE_TTL = 5.0
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class CookieRef:
+    """What the cookie carries: the session id, the user id and when it was issued (Unix time)."""
+
+    sid: str
+    uid: int
+    issued: float
+
+
+@dataclass(slots=True)
+class _Entry:
+    identity: Identity | None
+    fetched: float  # monotonic
+    expires: float  # wall clock (Unix time) of the session's end
+
+
+def cookie_value(header: str | None, name: str) -> str | None:
+    """The value of cookie `name` in a Cookie header, without parsing every other cookie."""
+    if not header or name not in header:
+        return None
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value or None
+    return None
+
+
+class SessionStore:
+    """Cookie codec + identity cache of one process. Created once per app in a cleanup_ctx."""
+
+    def __init__(self, cfg: Config, pool: asyncpg.Pool, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.pool = pool
+        self.cookie_name = cfg.session.cookie_name
+        self.lifetime = cfg.session.lifetime
+        self.check_interval = cfg.session.check_interval
+        self.fernet = MultiFernet([Fernet(k.encode()) for k in cfg.session.secrets])
+        self._clock = clock
+        self._decoded: OrderedDict[str, CookieRef | None] = OrderedDict()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._by_user: dict[int, set[str]] = {}
+        self.queries = 0  # database look-ups made by this store: the proxy path's only possible queries
+        # Bumped by every invalidation: a look-up that raced with one must not cache what it read before it.
+        self._generation = 0
+        self.listening = False
+        self._storage = self._make_storage()
+
+    # ---- cookies ------------------------------------------------------------------------------------
+
+    def storage(self) -> EncryptedCookieStorage:
+        """The aiohttp-session storage used by the sign-in handlers to write the cookie."""
+        return self._storage
+
+    def _make_storage(self) -> EncryptedCookieStorage:
+        storage = EncryptedCookieStorage(
+            self.cfg.session.secrets[0],
+            cookie_name=self.cookie_name,
+            max_age=int(self.lifetime),
+            secure=self.cfg.cookie_secure,
+            httponly=True,
+            samesite=self.cfg.session.samesite,
+            path="/",
+        )
+        # aiohttp-session accepts only a single Fernet; a MultiFernet has the same encrypt/decrypt(ttl=) it
+        # calls, and gives key rotation (first key encrypts, all decrypt).
+        storage._fernet = self.fernet  # type: ignore[assignment]
+        return storage
+
+    def decode(self, value: str) -> CookieRef | None:
+        """Decrypt a cookie value (memoized); None when tampered, expired, or from an unknown key."""
+        try:
+            ref = self._decoded[value]
+            self._decoded.move_to_end(value)
+        except KeyError:
+            ref = self._decrypt(value)
+            self._decoded[value] = ref
+            if len(self._decoded) > DECODE_MEMO_SIZE:
+                self._decoded.popitem(last=False)
+        if ref is not None and time.time() - ref.issued > self.lifetime:
+            return None
+        return ref
+
+    def _decrypt(self, value: str) -> CookieRef | None:
+        try:
+            data = json.loads(self.fernet.decrypt(value.encode(), ttl=int(self.lifetime)))
+            inner = data["session"]
+            return CookieRef(str(inner["sid"]), int(inner["uid"]), float(data["created"]))
+        except (InvalidToken, ValueError, KeyError, TypeError):
+            return None
+
+    def request_ref(self, request: web.BaseRequest) -> CookieRef | None:
+        value = cookie_value(request.headers.get("Cookie"), self.cookie_name)
+        return self.decode(value) if value else None
+
+    # ---- identity -----------------------------------------------------------------------------------
+
+    async def identify(self, request: web.BaseRequest) -> Identity | Anonymous:
+        """Who sent this request: from the cache when fresh, else one indexed query."""
+        ref = self.request_ref(request)
+        if ref is None:
+            return ANONYMOUS
+        identity = await self.lookup(ref.sid)
+        if identity is None or identity.user_id != ref.uid:
+            return ANONYMOUS
+        return identity
+
+    async def lookup(self, sid: str) -> Identity | None:
+        now = self._clock()
+        entry = self._cache.get(sid)
+        if entry is not None:
+            ttl = self.check_interval if entry.identity is not None else min(NEGATIVE_TTL, self.check_interval)
+            if now - entry.fetched < ttl and time.time() < entry.expires:
+                return entry.identity
+        generation = self._generation
+        try:
+            self.queries += 1
+            row = await self.pool.fetchrow(db_users.IDENTITY_FOR_SESSION, sid)
+        except DB_UNAVAILABLE as exc:
+            raise DatabaseUnavailable(f"session look-up failed: {type(exc).__name__}") from None
+        identity = None if row is None else Identity(
+            user_id=row["id"], login=row["login"], email=row["email"], groups=tuple(row["groups"]))
+        if generation == self._generation:
+            self._store(sid, identity, now, row["expires_at"] if row else time.time() + NEGATIVE_TTL)
+        return identity
+
+    def remember(self, sid: str, identity: Identity, expires_at: float) -> None:
+        """Prime the cache at sign-in: the first proxied request then needs no query."""
+        self._store(sid, identity, self._clock(), expires_at)
+
+    def _store(self, sid: str, identity: Identity | None, fetched: float, expires: float) -> None:
+        old = self._cache.pop(sid, None)
+        if old is not None and old.identity is not None:
+            self._by_user.get(old.identity.user_id, set()).discard(sid)
+        self._cache[sid] = _Entry(identity, fetched, expires)
+        if identity is not None:
+            self._by_user.setdefault(identity.user_id, set()).add(sid)
+        while len(self._cache) > CACHE_SIZE:
+            evicted_sid, evicted = self._cache.popitem(last=False)
+            if evicted.identity is not None:
+                self._by_user.get(evicted.identity.user_id, set()).discard(evicted_sid)
+
+    # ---- invalidation -------------------------------------------------------------------------------
+
+    def invalidate_session(self, sid: str) -> None:
+        self._generation += 1
+        entry = self._cache.pop(sid, None)
+        if entry is not None and entry.identity is not None:
+            self._by_user.get(entry.identity.user_id, set()).discard(sid)
+
+    def invalidate_user(self, user_id: int) -> None:
+        self._generation += 1
+        for sid in self._by_user.pop(user_id, set()):
+            self._cache.pop(sid, None)
+
+    def invalidate_all(self) -> None:
+        self._generation += 1
+        self._cache.clear()
+        self._by_user.clear()
+
+    def on_notification(self, payload: str) -> None:
+        kind, _, key = payload.partition(":")
+        if kind == "session":
+            self.invalidate_session(key)
+        elif kind == "user" and key.isdigit():
+            self.invalidate_user(int(key))
+        else:  # "all", or a group whose members changed: cheap enough to start afresh
+            self.invalidate_all()
+
+    # ---- server-side rows ---------------------------------------------------------------------------
+
+    async def create(self, conn: asyncpg.Connection, identity: Identity, *, user_agent: str, client_ip: str
+                     ) -> tuple[str, float]:
+        """Insert a new session row (a NEW id at every sign-in: no fixation); return (id, expiry)."""
+        sid = new_session_id()
+        expires = await db_sessions.insert(conn, sid, identity.user_id, lifetime=self.lifetime,
+                                           user_agent=user_agent, client_ip=client_ip)
+        return sid, expires
+
+    async def revoke(self, sid: str) -> int | None:
+        """Revoke one session everywhere; the owner's id, or None when it was not active."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            uid = await db_sessions.revoke(conn, sid)
+            await db_notify.notify(conn, "session", sid)
+        self.invalidate_session(sid)
+        return uid
+
+
+async def listen(store: SessionStore, dsn: str, *, stop: asyncio.Event) -> None:
+    """Keep a LISTEN connection open; on loss, forget everything cached (we may have missed a NOTIFY)."""
+    delay = 0.2
+    while not stop.is_set():
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await conn.add_listener(db_notify.CHANNEL, lambda _c, _pid, _ch, payload: store.on_notification(payload))
+            # Anything cached before LISTEN took effect could be stale.
+            store.invalidate_all()
+            store.listening = True
+            delay = 0.2
+            stopped = asyncio.ensure_future(stop.wait())
+            died = asyncio.ensure_future(lost.wait())
+            await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (stopped, died):
+                t.cancel()
+        except DB_UNAVAILABLE as exc:
+            log.warning("notification listener lost", extra={"error": type(exc).__name__})
+        finally:
+            store.listening = False
+            store.invalidate_all()
+            if conn is not None and not conn.is_closed():
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+        if not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
+
+@contextlib.asynccontextmanager
+async def running_listener(store: SessionStore, dsn: str) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(listen(store, dsn, stop=stop))
+    # Wait briefly for LISTEN so that a process is not serving from a cache nobody can invalidate.
+    for _ in range(100):
+        if store.listening or task.done():
+            break
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)

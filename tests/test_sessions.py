@@ -1,0 +1,121 @@
+"""SPEC §6: the per-process identity cache, its refresh after check_interval, and instant invalidation of every
+process through LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from gateway import accounts, keys
+from gateway.db import notify as db_notify
+from gateway.sessions import cookie_value
+
+
+async def userinfo(http: aiohttp.ClientSession, base: str, cookie: str) -> int:
+    r = await http.get(f"{base}/oauth2/userinfo", headers={"Cookie": f"_gateway={cookie}"})
+    return r.status
+
+
+async def wait_for_status(http: aiohttp.ClientSession, bases: list[str], cookie: str, status: int,
+                          limit: float) -> float:
+    started = time.monotonic()
+    while True:
+        got = [await userinfo(http, b, cookie) for b in bases]
+        elapsed = time.monotonic() - started
+        if all(s == status for s in got):
+            return elapsed
+        assert elapsed < limit, f"still {got} after {elapsed:.2f}s"
+        await asyncio.sleep(0.05)
+
+
+async def signed_in_everywhere(gateway_factory: Any, n: int = 2, **sections: Any) -> tuple[list[Any], str]:
+    gateways = [await gateway_factory(**sections) for _ in range(n)]
+    gateways[0].fake.add_user(10, "alice")
+    async with gateways[0].browser() as b:
+        await b.sign_in("alice")
+        cookie = b.cookie("_gateway")
+    assert cookie
+    async with aiohttp.ClientSession() as http:
+        for gw in gateways:  # warm every process's cache
+            assert await userinfo(http, gw.public_url, cookie) == 200
+    return gateways, cookie
+
+
+async def test_deactivation_reaches_every_process_within_a_second(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 3, session={"check_interval": "1h"})
+    await accounts.set_active(db, "alice", False, actor="test")
+    async with aiohttp.ClientSession() as http:
+        elapsed = await wait_for_status(http, [g.public_url for g in gateways], cookie, 401, limit=1.0)
+    assert elapsed < 1.0
+    assert await db.fetchval("SELECT count(*) FROM sessions WHERE revoked_at IS NULL") == 0
+
+
+async def test_revoked_session_reaches_every_process(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 2, session={"check_interval": "1h"})
+    sid = gateways[0].public_app[keys.SESSIONS].decode(cookie).sid  # type: ignore[union-attr]
+    await gateways[1].public_app[keys.SESSIONS].revoke(sid)
+    async with aiohttp.ClientSession() as http:
+        await wait_for_status(http, [g.public_url for g in gateways], cookie, 401, limit=1.0)
+
+
+async def test_membership_change_reaches_every_process(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 2, session={"check_interval": "1h"})
+    async with db.acquire() as conn, conn.transaction():
+        gid = await conn.fetchval("INSERT INTO groups (name) VALUES ('ops') RETURNING id")
+        uid = await conn.fetchval("SELECT id FROM users")
+        await conn.execute("INSERT INTO memberships (user_id, group_id, source) VALUES ($1, $2, 'manual')", uid, gid)
+        await db_notify.notify(conn, "user", uid)
+    async with aiohttp.ClientSession() as http:
+        for gw in gateways:
+            deadline = time.monotonic() + 1.0
+            while True:
+                r = await http.get(f"{gw.public_url}/oauth2/userinfo", headers={"Cookie": f"_gateway={cookie}"})
+                if (await r.json())["groups"] == ["gateway-users", "ops"]:
+                    break
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+
+
+async def test_cache_holds_without_notify_until_check_interval(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    """A change made behind the gateway's back (no NOTIFY) shows after check_interval, not before: the cache
+    really answers the proxy path, and really expires."""
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 1, session={"check_interval": "1s"})
+    (gw,) = gateways
+    await db.execute("UPDATE users SET active = false")
+    async with aiohttp.ClientSession() as http:
+        assert await userinfo(http, gw.public_url, cookie) == 200  # cached
+        await asyncio.sleep(1.1)
+        assert await userinfo(http, gw.public_url, cookie) == 401  # refreshed
+
+
+async def test_listener_reconnects_and_forgets_cache(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 1, session={"check_interval": "1h"})
+    (gw,) = gateways
+    store = gw.public_app[keys.SESSIONS]
+    # Kill the LISTEN connection: while it is down NOTIFYs would be missed, so the cache must be dropped.
+    await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND query ILIKE 'LISTEN%'")
+    deadline = time.monotonic() + 5
+    while store.listening:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await db.execute("UPDATE users SET active = false")
+    async with aiohttp.ClientSession() as http:
+        assert await userinfo(http, gw.public_url, cookie) == 401
+    while not store.listening:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await accounts.set_active(db, "alice", True, actor="test")
+
+
+def test_cookie_value_parsing() -> None:
+    assert cookie_value("a=1; _gateway=abc; _gateway_state_x=zzz", "_gateway") == "abc"
+    assert cookie_value('_gateway="quoted=="', "_gateway") == "quoted=="
+    assert cookie_value("_gateway_state_x=zzz", "_gateway") is None
+    assert cookie_value("x_gateway=1", "_gateway") is None
+    assert cookie_value(None, "_gateway") is None
+    assert cookie_value("_gateway=", "_gateway") is None
