@@ -7,9 +7,11 @@ is the prefix, so it never reaches the upstream tool's pages.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
+import time
 from urllib.parse import quote
 
 from aiohttp import web
@@ -63,6 +65,27 @@ async def start(request: web.Request) -> web.Response:
     return response
 
 
+def check_id_token(id_token: str | None, *, nonce: str, client_id: str, issuer: str) -> None:
+    """Check the ID token's nonce, audience, issuer and expiry (OIDC Core 3.1.3.7).
+
+    The token comes straight from GitLab's token endpoint over TLS, authenticated with our client secret, so
+    its signature need not be checked (OIDC Core 3.1.3.7 item 6); the nonce ties it to this browser's sign-in.
+    """
+    if not id_token:
+        raise GitLabUnavailable("GitLab sent no ID token although the openid scope was granted")
+    try:
+        payload = id_token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        raise GitLabUnavailable("GitLab sent an ID token that cannot be read") from None
+    aud = claims.get("aud")
+    audiences = aud if isinstance(aud, list) else [aud]
+    if (not hmac.compare_digest(str(claims.get("nonce", "")).encode(), nonce.encode())
+            or client_id not in audiences or str(claims.get("iss", "")).rstrip("/") != issuer
+            or not isinstance(claims.get("exp"), int) or claims["exp"] < time.time() - 60):
+        raise InvalidState("GitLab's ID token does not belong to this sign-in")
+
+
 def _open_state(request: web.Request, store: SessionStore) -> dict[str, str | None]:
     state = request.query.get("state", "")
     if not state:
@@ -102,6 +125,9 @@ async def callback(request: web.Request) -> web.Response:
         try:
             token = await gitlab.exchange_code(code, code_verifier=str(data["verifier"]),
                                                redirect_uri=cfg.server.callback_url)
+            if data.get("nonce"):
+                check_id_token(token.id_token, nonce=str(data["nonce"]), client_id=cfg.gitlab.client_id,
+                               issuer=cfg.gitlab.url)
             need_groups = cfg.provisioning.sync_groups or bool(cfg.provisioning.allowed_groups)
             fetched = await gitlab.sign_in_data(token.access_token, need_groups=need_groups)
         except GatewayError as err:

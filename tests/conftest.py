@@ -187,8 +187,8 @@ class Gateway:
     fake_url: str
     servers: list[TestServer] = field(default_factory=list)
 
-    def browser(self) -> Browser:
-        return Browser(self)
+    def browser(self, **kw: Any) -> Browser:
+        return Browser(self, **kw)
 
     def admin(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(self.admin_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
@@ -201,10 +201,11 @@ class Gateway:
 class Browser:
     """A cookie-keeping HTTP client that signs in through the GitLab stand-in like a browser would."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, *, ssl: Any = True) -> None:
         self.gw = gw
         self.jar = aiohttp.CookieJar(unsafe=True)
-        self.http = aiohttp.ClientSession(cookie_jar=self.jar, headers={"Accept": "text/html"})
+        self.http = aiohttp.ClientSession(cookie_jar=self.jar, headers={"Accept": "text/html"},
+                                          connector=aiohttp.TCPConnector(ssl=ssl))
 
     async def __aenter__(self) -> Browser:
         return self
@@ -299,3 +300,59 @@ def unused_tcp_port_factory() -> Callable[[], int]:
 async def audit_actions(pool: asyncpg.Pool) -> list[tuple[str, str, dict[str, Any]]]:
     rows = await pool.fetch("SELECT action, subject, details::text AS d FROM audit_events ORDER BY id")
     return [(r["action"], r["subject"], json.loads(r["d"])) for r in rows]
+
+
+# ---- `gateway demo` tests (test_demo*.py) ------------------------------------------------------------------
+
+@pytest.fixture
+def demo_port() -> int:
+    """A port P with P and P+1 free (the demo's public and admin listeners; P+2 is tried for its GitLab)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 60000)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@pytest.fixture
+def demo_state_dir() -> Iterator[Path]:
+    """A fresh --state-dir outside pytest's tmp dir: pytest resets that to 0700 at every session start, which
+    locks out the embedded PostgreSQL's own system user (when running as root) if another session starts."""
+    path = Path(tempfile.mkdtemp(prefix="gwdemo-"))
+    yield path / "state"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, dsn: str) -> Callable[..., Path]:
+    """Write a configuration file for `gateway ...` commands and processes, on this test's database:
+    `write_config(server={...}, database={...})` overrides keys per section; returns its path."""
+    import yaml
+
+    counter = itertools.count()
+
+    def write(**sections: dict[str, Any]) -> Path:
+        data: dict[str, Any] = {
+            "server": {"listen": "127.0.0.1:4180", "public_url": "http://127.0.0.1:4180"},
+            "admin": {"listen": "127.0.0.1:4181", "tokens": [{"name": "tester", "token": ADMIN_TOKEN}]},
+            "gitlab": {"url": "http://127.0.0.1:9", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+                       "timeout": "3s"},
+            "session": {"secrets": [SESSION_KEY]},
+            "database": {"dsn": dsn},
+            "log": {"level": "warning"},
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        path = tmp_path / f"gateway-{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        return path
+
+    return write

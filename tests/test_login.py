@@ -274,3 +274,19 @@ async def test_sign_in_primes_cache_and_database_outage_is_503(gateway_factory: 
         finally:
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             await admin.close()
+
+
+def test_id_token_checks() -> None:
+    import base64 as b64
+
+    from gateway.errors import GatewayError
+    from gateway.login import check_id_token
+
+    def tok(**claims: Any) -> str:
+        body = {"iss": "https://gl.example", "aud": "cid", "nonce": "n1", "exp": int(time.time()) + 60, **claims}
+        return "e30." + b64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=") + ".sig"
+
+    check_id_token(tok(), nonce="n1", client_id="cid", issuer="https://gl.example")
+    for bad in (tok(nonce="n2"), tok(aud="other"), tok(iss="https://evil"), tok(exp=1), "x", None):
+        with pytest.raises(GatewayError):
+            check_id_token(bad, nonce="n1", client_id="cid", issuer="https://gl.example")
