@@ -10,8 +10,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import aiohttp
 import asyncpg
 import pytest
-from conftest import SESSION_KEY, SHARED, Gateway
+from conftest import SESSION_KEY, Gateway
 from cryptography.fernet import Fernet
+from test_redirects import _corpus_lines as corpus_lines
 from yarl import URL
 
 from gateway import keys
@@ -228,10 +229,7 @@ async def test_key_rotation(gateway_factory: Any) -> None:
 
 async def test_open_redirects_refused_end_to_end(gateway_factory: Any) -> None:
     """Every corpus payload given as `rd` to sign_out (and start) ends in a redirect to `/`."""
-    corpus = SHARED / "security" / "open-redirects.txt"
-    if not corpus.exists():
-        pytest.skip(f"corpus not found at {corpus}")
-    payloads = [unquote(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    payloads = [unquote(line) for line in corpus_lines()]
     assert len(payloads) == 559
     gw = await gateway_factory()
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:

@@ -1,0 +1,142 @@
+"""Route rules (SPEC §3 routes.*, §4): parsing, path normal form, classification no path trick can bend."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.routes import RouteTable, normalized_path, parse_rule
+
+
+@pytest.mark.parametrize(
+    ("text", "method", "regex"),
+    [
+        ("GET=^/static/", "GET", "^/static/"),
+        ("^/health$", None, "^/health$"),
+        ("POST=^/hooks/[a-z]+$", "POST", "^/hooks/[a-z]+$"),
+        ("PROPFIND=^/dav/", "PROPFIND", "^/dav/"),
+        ("^/a=b", None, "^/a=b"),
+        ("GET=^/x=y", "GET", "^/x=y"),
+    ],
+)
+def test_parse_rule(text: str, method: str | None, regex: str) -> None:
+    rule = parse_rule(text)
+    assert rule.method == method
+    assert rule.pattern.pattern == regex
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("get=^/static/", "must be upper-case"),
+        ("Get=^/static/", "must be upper-case"),
+        ("GET=", "empty regex"),
+        ("", "empty regex"),
+        ("^/(", "not a valid regular expression"),
+        ("GET=[", "not a valid regular expression"),
+    ],
+)
+def test_bad_rules_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_rule(text)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/", "/"),
+        ("/a/b", "/a/b"),
+        ("/a/b/", "/a/b/"),
+        ("/a%20b", "/a b"),
+        ("/caf%C3%A9", "/café"),
+        ("/%70ublic/x", "/public/x"),
+        ("/a%25b", "/a%b"),
+        ("/.well-known/x", "/.well-known/x"),
+        ("/a/.../b", "/a/.../b"),
+        ("/a;v=1/b", "/a;v=1/b"),
+        ("/a?x=/../y", "/a"),
+        ("/a?x=%zz", "/a"),
+        ("/a#/../b", "/a"),
+    ],
+)
+def test_normal_paths_are_decoded(raw: str, expected: str) -> None:
+    assert normalized_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/public/../private", "/public/./private", "/public/..", "/public/.", "/..", "/.",
+        "/public/%2e%2e/private", "/public/%2E%2E/private", "/public/.%2e/private", "/public/%2e/private",
+        "/public%2f..%2fprivate", "/public%2F..", "/public%5c..%5cprivate", "/public%5C",
+        "//public", "/public//private", "/public/\\..\\private", "/public\\",
+        "/public/..;/private", "/public/.;x/private",
+        "/a%00", "/a%0a", "/a%0D", "/a%7f", "/a%zz", "/a%", "/a%2",
+        "/a%c0%ae%c0%ae/", "/a%ff",
+        "/a\x00", "/a\t", "/a b", "/caf\u00e9",
+        "http://evil.example/public", "*", "", "public",
+    ],
+)
+def test_paths_not_in_normal_form_are_refused(raw: str) -> None:
+    assert normalized_path(raw) is None
+
+
+TABLE = RouteTable.from_config(public=["^/public/", "GET=^/static/", "^/health$"], api=["^/api/"])
+
+
+@pytest.mark.parametrize(
+    ("method", "raw", "expected"),
+    [
+        ("GET", "/public/x", "public"),
+        ("POST", "/public/x", "public"),
+        ("GET", "/public/x?y=1", "public"),
+        ("GET", "/%70ublic/x", "public"),
+        ("GET", "/health", "public"),
+        ("GET", "/health/x", "protected"),
+        ("GET", "/static/app.js", "public"),
+        ("POST", "/static/app.js", "protected"),
+        ("HEAD", "/static/app.js", "protected"),
+        ("GET", "/api/v1/things", "api"),
+        ("DELETE", "/api/v1/things/1", "api"),
+        ("GET", "/private", "protected"),
+        # The query and fragment are never matched (SPEC §3).
+        ("GET", "/private?x=/public/", "protected"),
+        ("GET", "/private?/public/", "protected"),
+        ("GET", "/private#/public/", "protected"),
+        # Anything an upstream might resolve differently is protected, even when it "matches".
+        ("GET", "/public/../private", "protected"),
+        ("GET", "/public/%2e%2e/private", "protected"),
+        ("GET", "/public/%2E%2E/private", "protected"),
+        ("GET", "/public%2f..%2fprivate", "protected"),
+        ("GET", "/public/..%2fprivate", "protected"),
+        ("GET", "/public/..;/private", "protected"),
+        ("GET", "/public/..\\private", "protected"),
+        ("GET", "//public/x", "protected"),
+        ("GET", "/public//x", "protected"),
+        ("GET", "/api/../public/x", "protected"),
+        ("GET", "/api//v1", "protected"),
+        ("GET", "http://evil.example/public/x", "protected"),
+    ],
+)
+def test_classify(method: str, raw: str, expected: str) -> None:
+    assert TABLE.classify(method, raw) == expected
+    assert TABLE.classify(method, raw) == expected  # the cached answer is the same answer
+
+
+def test_long_paths_are_classified_without_the_cache() -> None:
+    long_public = "/public/" + "a" * 4000
+    assert TABLE.classify("GET", long_public) == "public"
+    assert TABLE.classify("GET", long_public + "/../../x") == "protected"
+
+
+def test_a_tiny_cache_still_answers_correctly() -> None:
+    table = RouteTable([parse_rule("^/public/")], [], cache_size=2)
+    for _ in range(3):
+        for i in range(5):
+            assert table.classify("GET", f"/public/{i}") == "public"
+            assert table.classify("GET", f"/private/{i}") == "protected"
+
+
+def test_without_rules_everything_is_protected() -> None:
+    table = RouteTable([], [])
+    assert table.classify("GET", "/public/x") == "protected"
+    assert table.classify("GET", "/") == "protected"
