@@ -38,15 +38,20 @@ def seed_acme(gw: Gateway) -> None:
     fake.add_user(10, "alice", name="Alice A", email="alice@example.com")
 
 
-# ---- rule 1: fetch ------------------------------------------------------------------------------------------
-
-async def test_failure_on_page_3_of_groups_changes_nothing(gateway_factory: Any, db: asyncpg.Pool) -> None:
-    gw = await gateway_factory()
+async def alice_in_250_groups(gw: Gateway, db: asyncpg.Pool) -> None:
+    """Three pages of /api/v4/groups (per_page=100); the first and last group exist locally."""
     gw.fake.add_user(10, "alice")
     for i in range(250):
         gw.fake.add_group(100 + i, f"g{i:03d}")
         gw.fake.add_member("alice", f"g{i:03d}")
     await add_local_groups(db, "g000", "g249")
+
+
+# ---- rule 1: fetch ------------------------------------------------------------------------------------------
+
+async def test_failure_on_page_3_of_groups_changes_nothing(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    gw = await gateway_factory()
+    await alice_in_250_groups(gw, db)
     gw.fake.fail("groups", 500, page=3)
     _, body = await sign_in(gw, "alice", expect=502)
     assert "GitLab is unavailable" in body
@@ -62,11 +67,7 @@ async def test_failure_on_page_3_of_groups_changes_nothing(gateway_factory: Any,
 
 async def test_failure_on_page_3_keeps_existing_memberships(gateway_factory: Any, db: asyncpg.Pool) -> None:
     gw = await gateway_factory()
-    gw.fake.add_user(10, "alice")
-    for i in range(250):
-        gw.fake.add_group(100 + i, f"g{i:03d}")
-        gw.fake.add_member("alice", f"g{i:03d}")
-    await add_local_groups(db, "g000", "g249")
+    await alice_in_250_groups(gw, db)
     await sign_in(gw, "alice")
     before = await groups_of(db, "alice")
     last_login = await db.fetchval("SELECT last_login_at FROM users")
