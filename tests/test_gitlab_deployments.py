@@ -13,12 +13,12 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
+from conftest import CLIENT_ID, CLIENT_SECRET
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import CLIENT_ID, CLIENT_SECRET
 from gateway.fake_gitlab import FakeGitLab, create_app
 
 

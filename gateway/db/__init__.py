@@ -8,8 +8,8 @@ import asyncpg
 from asyncpg import exceptions as pg
 
 # What "the database is unavailable" means (503, nothing half-applied): the server cannot be reached, went
-# away, is shutting down, is out of connections, refuses connections, or is a read-only standby after a failover. Anything else
-# (a constraint, a bad argument) is a bug or a rule and must not be disguised as an outage.
+# away, is shutting down, is out of connections, refuses connections, or is a read-only standby (failover).
+# Anything else (a constraint, a bad argument) is a bug or a rule and must not be disguised as an outage.
 DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,

@@ -1,0 +1,213 @@
+"""The admin JSON API under /api/v1 (SPEC §4). Thin handlers: read the request, call the service layer that
+the CLI calls too (gateway.services, gateway.accounts), answer with the shapes of services/shapes.py.
+
+Input errors: a body that is not a JSON object, or a bad query parameter, is 400; a JSON object with unknown,
+missing or mistyped fields, or values the rules refuse, is 422. Every change is audited under the name of the
+admin token that made it (bearer_middleware puts it under ADMIN_ACTOR).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway import accounts, keys
+from gateway.app import ADMIN_ACTOR
+from gateway.errors import BadRequest, NotFound, Unprocessable
+from gateway.pages import NO_STORE
+from gateway.services import audit, groups, sessions, shapes
+
+API = "/api/v1"
+MAX_ID_DIGITS = 18  # bigint ids; a longer number cannot name a row
+
+
+# ---- request and response helpers ----------------------------------------------------------------------
+
+def _json(data: Any, status: int = 200, location: str | None = None) -> web.Response:
+    headers = dict(NO_STORE)
+    if location is not None:
+        headers["Location"] = location
+    return web.Response(status=status, text=json.dumps(data), content_type="application/json", headers=headers)
+
+
+def _no_content() -> web.Response:
+    return web.Response(status=204, headers=NO_STORE)
+
+
+async def _body(request: web.Request, required: dict[str, type], optional: dict[str, type] | None = None
+                ) -> dict[str, Any]:
+    """The JSON object of the body, with exactly the given fields (types: str, int, bool; None allowed for
+    optional ones)."""
+    optional = optional or {}
+    try:
+        data = json.loads(await request.read() or b"null")
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise BadRequest("The request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object")
+    expected = {**required, **optional}
+    unknown = sorted(set(data) - set(expected))
+    if unknown:
+        raise Unprocessable(f"Unknown field {unknown[0]!r}: expected {', '.join(expected)}")
+    for name in required:
+        if name not in data:
+            raise Unprocessable(f"{name!r} is required")
+    for name, value in data.items():
+        want = expected[name]
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            kind = {str: "a string", int: "an integer", bool: "true or false"}[want]
+            raise Unprocessable(f"{name!r} must be {kind}")
+    return data
+
+
+def _query_int(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > MAX_ID_DIGITS:
+        raise BadRequest(f"{name} must be a positive integer")
+    return int(raw)
+
+
+def _query_bool(request: web.Request, name: str) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(raw.lower())
+    if value is None:
+        raise BadRequest(f"{name} must be true or false")
+    return value
+
+
+def _group_id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit() or len(raw) > MAX_ID_DIGITS:
+        raise NotFound(f"No group with id {raw}")
+    return int(raw)
+
+
+def _page_args(request: web.Request) -> dict[str, Any]:
+    return {"cursor": request.query.get("cursor"), "limit": _query_int(request, "limit")}
+
+
+# ---- groups ---------------------------------------------------------------------------------------------
+
+async def list_groups(request: web.Request) -> web.Response:
+    page = await groups.list_groups(request.app[keys.POOL], **_page_args(request))
+    return _json(shapes.page(page, shapes.group))
+
+
+async def create_group(request: web.Request) -> web.Response:
+    body = await _body(request, {"name": str}, {"description": str})
+    group = await groups.create_group(request.app[keys.POOL], body["name"], body.get("description") or "",
+                                      actor=request[ADMIN_ACTOR])
+    return _json(shapes.group(group), 201, location=f"{API}/groups/{group.id}")
+
+
+async def get_group(request: web.Request) -> web.Response:
+    return _json(shapes.group(await groups.get_group(request.app[keys.POOL], _group_id(request))))
+
+
+async def update_group(request: web.Request) -> web.Response:
+    group_id = _group_id(request)
+    body = await _body(request, {}, {"name": str, "description": str})
+    if body.get("name") is None and body.get("description") is None:
+        raise Unprocessable("Nothing to change: send 'name' and/or 'description'")
+    group = await groups.update_group(request.app[keys.POOL], group_id, name=body.get("name"),
+                                      description=body.get("description"), actor=request[ADMIN_ACTOR])
+    return _json(shapes.group(group))
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    await groups.delete_group(request.app[keys.POOL], _group_id(request), actor=request[ADMIN_ACTOR])
+    return _no_content()
+
+
+async def list_members(request: web.Request) -> web.Response:
+    page = await groups.list_members(request.app[keys.POOL], _group_id(request), **_page_args(request))
+    return _json(shapes.page(page, shapes.member))
+
+
+async def add_member(request: web.Request) -> web.Response:
+    group_id = _group_id(request)
+    body = await _body(request, {"login": str})
+    member = await groups.add_member(request.app[keys.POOL], group_id, body["login"], actor=request[ADMIN_ACTOR])
+    return _json(shapes.member(member), 201, location=f"{API}/groups/{group_id}/members/{member.login}")
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    await groups.remove_member(request.app[keys.POOL], _group_id(request), request.match_info["login"],
+                               actor=request[ADMIN_ACTOR])
+    return _no_content()
+
+
+# ---- users ----------------------------------------------------------------------------------------------
+
+async def list_users(request: web.Request) -> web.Response:
+    page = await accounts.list_users(request.app[keys.POOL], q=request.query.get("q") or None,
+                                     active=_query_bool(request, "active"), **_page_args(request))
+    return _json(shapes.page(page, shapes.user))
+
+
+async def create_user(request: web.Request) -> web.Response:
+    body = await _body(request, {"login": str, "email": str, "name": str}, {"gitlab_id": int})
+    details = await accounts.create_user(request.app[keys.POOL], login=body["login"], email=body["email"],
+                                         name=body["name"], gitlab_id=body.get("gitlab_id"),
+                                         actor=request[ADMIN_ACTOR])
+    return _json(shapes.user(details), 201, location=f"{API}/users/{details.user.login}")
+
+
+async def get_user(request: web.Request) -> web.Response:
+    return _json(shapes.user(await accounts.get_user(request.app[keys.POOL], request.match_info["login"])))
+
+
+async def update_user(request: web.Request) -> web.Response:
+    body = await _body(request, {"active": bool})
+    pool = request.app[keys.POOL]
+    user = await accounts.set_active(pool, request.match_info["login"], body["active"], actor=request[ADMIN_ACTOR])
+    return _json(shapes.user(await accounts.get_user(pool, user.login)))
+
+
+# ---- sessions and audit ---------------------------------------------------------------------------------
+
+async def list_sessions(request: web.Request) -> web.Response:
+    page = await sessions.list_sessions(request.app[keys.POOL], login=request.query.get("login") or None,
+                                        **_page_args(request))
+    return _json(shapes.page(page, shapes.session))
+
+
+async def revoke_session(request: web.Request) -> web.Response:
+    await sessions.revoke_session(request.app[keys.POOL], request.match_info["id"], actor=request[ADMIN_ACTOR])
+    return _no_content()
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    since = request.query.get("since")
+    page = await audit.list_events(request.app[keys.POOL], since=shapes.parse_time(since) if since else None,
+                                   login=request.query.get("login") or None,
+                                   action=request.query.get("action") or None, **_page_args(request))
+    return _json(shapes.page(page, shapes.event))
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the /api/v1 handlers."""
+    r = app.router
+    r.add_get(f"{API}/groups", list_groups)
+    r.add_post(f"{API}/groups", create_group)
+    r.add_get(f"{API}/groups/{{id}}", get_group)
+    r.add_patch(f"{API}/groups/{{id}}", update_group)
+    r.add_delete(f"{API}/groups/{{id}}", delete_group)
+    r.add_get(f"{API}/groups/{{id}}/members", list_members)
+    r.add_post(f"{API}/groups/{{id}}/members", add_member)
+    r.add_delete(f"{API}/groups/{{id}}/members/{{login}}", remove_member)
+    r.add_get(f"{API}/users", list_users)
+    r.add_post(f"{API}/users", create_user)
+    r.add_get(f"{API}/users/{{login}}", get_user)
+    r.add_patch(f"{API}/users/{{login}}", update_user)
+    r.add_get(f"{API}/sessions", list_sessions)
+    r.add_delete(f"{API}/sessions/{{id}}", revoke_session)
+    r.add_get(f"{API}/audit", list_audit)
