@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import auth_request, keys, login
+from gateway import auth_request, keys, login, logs
 from gateway.config import Config
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import groups as db_groups
@@ -49,6 +49,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Request id, domain errors -> pages/JSON, unexpected errors -> a 500 page without a traceback."""
     request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
     request[keys.REQUEST_ID] = request_id
+    log_context = logs.REQUEST_ID.set(request_id)
     started = time.perf_counter()
     status = 500
     try:
@@ -76,6 +77,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 "status": status, "duration_ms": round(elapsed * 1000, 2), "remote": request.remote,
                 "user": getattr(identity, "login", None),
             })
+        logs.REQUEST_ID.reset(log_context)
 
 
 # ---- long-lived resources -------------------------------------------------------------------------------

@@ -14,6 +14,22 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 Labels = tuple[tuple[str, str], ...]
 
+# Every metric of SPEC §9 with its HELP text: each is declared in the output even before its first sample, so
+# dashboards and alerts can tell "zero so far" from "not exported".
+COUNTERS = {
+    "gateway_requests_total": "Requests answered, by HTTP status code.",
+    "gateway_logins_total": "Sign-in attempts, by result (success or the refusal/error code).",
+    "gateway_group_sync_changes_total": "Memberships added or removed by group sync, by op.",
+    "gateway_gitlab_requests_total": "Requests made to GitLab, by endpoint and HTTP status code.",
+}
+HISTOGRAMS = {
+    "gateway_request_duration_seconds": "Time to answer a request, in seconds.",
+    "gateway_upstream_duration_seconds": "Time the upstream took to send its response headers, in seconds.",
+}
+GAUGES = {
+    "gateway_sessions_active": "Sessions neither revoked nor expired.",
+}
+
 
 @dataclass
 class Histogram:
@@ -81,13 +97,16 @@ class Metrics:
             self.histograms[name].merge(Histogram(list(counts), float(total)))
 
     def render(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
         lines: list[str] = []
-        for name in sorted(self.counters):
+        for name in sorted(COUNTERS.keys() | self.counters.keys()):
+            lines.append(f"# HELP {name} {COUNTERS.get(name, name)}")
             lines.append(f"# TYPE {name} counter")
-            for labels, value in sorted(self.counters[name].items()):
+            for labels, value in sorted(self.counters.get(name, {}).items()):
                 lines.append(f"{name}{_labels(labels)} {_num(value)}")
-        for name in sorted(self.histograms):
-            h = self.histograms[name]
+        for name in sorted(HISTOGRAMS.keys() | self.histograms.keys()):
+            h = self.histograms.get(name) or Histogram()
+            lines.append(f"# HELP {name} {HISTOGRAMS.get(name, name)}")
             lines.append(f"# TYPE {name} histogram")
             running = 0
             for bound, count in zip((*BUCKETS, float("inf")), h.counts, strict=True):
@@ -96,6 +115,7 @@ class Metrics:
                 lines.append(f'{name}_bucket{{le="{le}"}} {running}')
             lines.append(f"{name}_sum {h.total!r}")
             lines.append(f"{name}_count {running}")
+        lines.append(f"# HELP gateway_sessions_active {GAUGES['gateway_sessions_active']}")
         lines.append("# TYPE gateway_sessions_active gauge")
         lines.append(f"gateway_sessions_active {self.sessions_active}")
         return "\n".join(lines) + "\n"
@@ -104,8 +124,13 @@ class Metrics:
 def _labels(labels: Labels) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{v}"' for k, v in labels)
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
     return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    """Label values escape backslash, double quote and newline (the text format's only escapes)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _num(value: float) -> str:

@@ -356,3 +356,20 @@ def write_config(tmp_path: Path, dsn: str) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+async def empty_dsn(pg_base_dsn: str) -> AsyncIterator[str]:
+    """A brand-new, empty database (not cloned from the migrated template): for migration tests."""
+    name = f"gwempty_{os.getpid()}_{next(_db_counter)}"
+    conn = await asyncpg.connect(pg_base_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    yield _with_db(pg_base_dsn, name)
+    conn = await asyncpg.connect(pg_base_dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
