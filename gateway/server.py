@@ -1,20 +1,25 @@
 """`gateway run`: resolve the database, apply migrations, serve the public and admin listeners until
-SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (up to SHUTDOWN_GRACE seconds)."""
+SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (up to SHUTDOWN_GRACE seconds).
+
+With `server.workers` 1 everything runs in this process. With more (0 = one per CPU), this process keeps the
+database set-up and the admin listener and runs the public listener in worker processes (workers.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import asyncpg
 from aiohttp import web
 
 from gateway.app import Readiness, create_admin_app, create_public_app
-from gateway.config import Config
+from gateway.config import Config, Listen
 from gateway.db import migrate as db_migrate
 from gateway.db.server import describe, resolve_dsn
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import DatabaseUnavailable, GatewayError
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.server")
@@ -45,10 +50,28 @@ async def prepare_database(cfg: Config, *, apply_migrations: bool) -> str:
     return dsn
 
 
-async def start_site(runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False) -> web.TCPSite:
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-    await site.start()
+def public_runner(app: web.Application) -> web.AppRunner:
+    """The public listener's runner: a client that goes away cancels its handler (and so the upstream
+    request); shutdown waits for in-flight requests up to SHUTDOWN_GRACE."""
+    return web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE,
+                         handler_cancellation=True)
+
+
+async def start_site(runner: web.AppRunner, listen: Listen, *, what: str, reuse_port: bool = False
+                     ) -> web.TCPSite:
+    """Listen, or a GatewayError naming the address and what to check."""
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise GatewayError(f"cannot listen on {listen} ({what}): {exc.strerror or exc}; is another process "
+                           f"using the port? Check {what}.") from None
     return site
+
+
+def worker_count(cfg: Config) -> int:
+    """`server.workers`, with 0 meaning one per CPU."""
+    return cfg.server.workers or os.cpu_count() or 1
 
 
 async def serve(cfg: Config, *, apply_migrations: bool = True, stop: asyncio.Event | None = None) -> None:
@@ -58,16 +81,29 @@ async def serve(cfg: Config, *, apply_migrations: bool = True, stop: asyncio.Eve
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        count = worker_count(cfg)
+        if count > 1:
+            from gateway.workers import serve_workers
+
+            await serve_workers(cfg, dsn, count, stop)
+        else:
+            await _serve_one_process(cfg, dsn, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_one_process(cfg: Config, dsn: str, stop: asyncio.Event) -> None:
     readiness, metrics = Readiness(), Metrics()
-    public = web.AppRunner(create_public_app(cfg, dsn, readiness=readiness, metrics=metrics),
-                           access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE)
+    public = public_runner(create_public_app(cfg, dsn, readiness=readiness, metrics=metrics))
     admin = web.AppRunner(create_admin_app(cfg, dsn, readiness=readiness, metrics=metrics),
                           access_log=None, handle_signals=False)
     await public.setup()
     await admin.setup()
     try:
-        await start_site(public, cfg.server.listen.host, cfg.server.listen.port)
-        await start_site(admin, cfg.admin.listen.host, cfg.admin.listen.port)
+        await start_site(public, cfg.server.listen, what="server.listen")
+        await start_site(admin, cfg.admin.listen, what="admin.listen")
         readiness.public_serving = True
         log.info("serving", extra={"public": str(cfg.server.listen), "admin": str(cfg.admin.listen),
                                    "public_url": cfg.server.public_url, "upstream": cfg.upstream.url})
@@ -77,5 +113,3 @@ async def serve(cfg: Config, *, apply_migrations: bool = True, stop: asyncio.Eve
         readiness.public_serving = False
         await admin.cleanup()
         await public.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)

@@ -1,0 +1,382 @@
+"""The catch-all (SPEC §4, §7): authenticate from the session cache, then relay to the upstream.
+
+Request and response bodies stream both ways: the request body is handed to the upstream client as an
+async iterator (chunked when the client sent no Content-Length, the client's Content-Length kept when it
+did), and the response is copied chunk by chunk as it arrives (server-sent events flush at once). The one
+exception is a small response of known length, answered with a plain `web.Response` because that is much
+cheaper than a streamed one and holds at most SMALL_BODY bytes.
+
+Timeouts:
+- `upstream.connect_timeout` bounds the TCP connect (aiohttp's ClientTimeout.connect); failing it is a 502.
+- `upstream.timeout` bounds the wait for the response headers, counted once the request body is sent
+  (SPEC §3). aiohttp's sock_read cannot express that, so one `asyncio.timeout` covers the request until
+  headers: it is disarmed while we wait for the CLIENT's next body chunk (the client's pace is not the
+  upstream's fault), armed while the upstream must accept a chunk (an upstream that stops reading the body is
+  as stuck as one that never answers), and armed for good once the last chunk is sent. Expiry is a 504.
+- After the headers nothing bounds the body: server-sent events and long downloads may last for hours.
+
+The client going away: aiohttp cancels the handler (handler_cancellation, see server.py; aiohttp's
+TestServer does the same); the upstream request or response is then closed by its context manager, so the
+upstream sees its connection drop. A write to a client that has gone raises ConnectionResetError, with the
+same effect.
+
+WebSockets (`upstream.websockets: true`): an authenticated upgrade is relayed message by message (text,
+binary, ping, pong, close codes). With `websockets: false` an upgrade request is proxied as the plain HTTP
+request it also is: Upgrade and Connection are hop-by-hop and never cross, so the upstream answers it like
+any GET (typically 400 or 426) and no tunnel is ever opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import keys
+from gateway.config import Config
+from gateway.errors import BadRequest, Unauthenticated, UpstreamError, UpstreamTimeout
+from gateway.headers import HeaderPolicy
+from gateway.identity import Anonymous, Identity
+from gateway.login import start_url
+from gateway.metrics import Metrics
+from gateway.pages import NO_STORE, redirect, wants_html
+from gateway.routes import RouteTable
+from gateway.sessions import SessionStore
+
+log = logging.getLogger("gateway.proxy")
+
+# Responses of known length up to this size are read whole and answered with web.Response (measured: about
+# 1.3x the throughput of a streamed response for small pages); everything else streams.
+SMALL_BODY = 64 * 1024
+# Idle upstream connections are dropped before the usual 5 s keep-alive of upstream servers (uvicorn, Node),
+# so a request rarely lands on a connection the upstream is closing at that very moment.
+UPSTREAM_KEEPALIVE = 4.0
+# A WebSocket message is held whole by the relay: cap it so one client cannot exhaust the gateway's memory.
+WS_MAX_MESSAGE = 64 * 1024 * 1024
+# How long each side may take to answer a close frame before its connection is simply dropped.
+WS_CLOSE_TIMEOUT = 10.0
+# Headers aiohttp's client adds unless told otherwise; a proxy must not invent them (see UpstreamRequest).
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_CONTENT_TYPE_METHODS = frozenset(aiohttp.ClientRequest.POST_METHODS)
+# Close codes that may appear in a close frame (RFC 6455 §7.4); others become 1000.
+_SENDABLE_CLOSE = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015)])
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """What the catch-all needs on every request, looked up once per app."""
+
+    http: aiohttp.ClientSession
+    base: str  # upstream.url without a trailing slash; the client's raw path is appended as sent
+    upstream_host: str
+    timeout: float
+    pass_host_header: bool
+    websockets: bool
+    prefix: str
+    policy: HeaderPolicy
+    routes: RouteTable
+    sessions: SessionStore
+    metrics: Metrics
+
+
+# Not in keys.py: a private handle of this module (like app.READINESS), built from keys.* in upstream_ctx.
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def make_session(cfg: Config) -> aiohttp.ClientSession:
+    """The one upstream ClientSession: no cookie jar, no decompression, no redirects followed, no pool cap."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
+    return aiohttp.ClientSession(
+        connector=connector, request_class=UpstreamRequest,
+        timeout=aiohttp.ClientTimeout(total=None, connect=cfg.upstream.connect_timeout, sock_read=None),
+        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+
+
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    session = make_session(cfg)
+    app[keys.UPSTREAM_HTTP] = session
+    app[PROXY] = Proxy(
+        http=session, base=cfg.upstream.url.rstrip("/"), upstream_host=urlsplit(cfg.upstream.url).netloc,
+        timeout=cfg.upstream.timeout, pass_host_header=cfg.upstream.pass_host_header,
+        websockets=cfg.upstream.websockets, prefix=cfg.server.prefix, policy=app[keys.HEADER_POLICY],
+        routes=app[keys.ROUTES], sessions=app[keys.SESSIONS], metrics=app[keys.METRICS])
+    yield
+    await session.close()
+
+
+# ---- the handler ---------------------------------------------------------------------------------------
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """Every request that is not one of the gateway's own: authenticate, then relay to the upstream."""
+    proxy = request.app[PROXY]
+    raw_path = request.raw_path
+    if not raw_path.startswith("/"):
+        # Absolute-form ("http://other/x") or "*": appended to upstream.url it would name another URL.
+        raise BadRequest("The request target must be a path")
+    identity = await proxy.sessions.identify(request)
+    request[keys.IDENTITY] = identity
+    if not identity.is_authenticated:
+        refusal = _refusal(proxy, request, raw_path)
+        if refusal is not None:
+            return refusal
+    upgrade = "Upgrade" in request.headers and _is_websocket_upgrade(request)
+    if upgrade and proxy.websockets:
+        return await _relay_websocket(proxy, request, identity)
+    # A refused upgrade also loses its Sec-WebSocket-* headers: the upstream sees a plain GET.
+    return await _relay_http(proxy, request, identity, strip_websocket=upgrade)
+
+
+def _refusal(proxy: Proxy, request: web.Request, raw_path: str) -> web.Response | None:
+    """None when an anonymous request may pass (a public route); else the sign-in redirect or the 401."""
+    kind = proxy.routes.classify(request.method, raw_path)
+    if kind == "public":
+        return None
+    if kind == "api":
+        return _unauthenticated_json()  # JSON even for a browser: routes.api is for programs (SPEC §4)
+    if wants_html(request):
+        return redirect(start_url(proxy.prefix, raw_path))
+    raise Unauthenticated()
+
+
+def _unauthenticated_json() -> web.Response:
+    err = Unauthenticated()
+    return web.Response(status=401, text=json.dumps({"error": err.code, "message": err.message}),
+                        content_type="application/json",
+                        headers={**NO_STORE, "WWW-Authenticate": 'Bearer realm="gateway"'})
+
+
+def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | Anonymous, *,
+                      websocket: bool = False) -> CIMultiDict[str]:
+    # The direct peer and our own view: the policy decides whether the peer's forwarding claims count.
+    incoming = request.headers
+    headers = proxy.policy.upstream_request_headers(
+        incoming, client_ip=request.remote or "", scheme=request.scheme, host=incoming.get("Host", ""),
+        identity=identity,
+        pass_host_header=proxy.pass_host_header, upstream_host=proxy.upstream_host, websocket=websocket)
+    # aiohttp's server already answered "100 Continue" when the handler started reading; passed on, the
+    # header would make the client library wait for a second 100 that an HTTP/1.0 upstream never sends.
+    headers.popall("Expect", None)
+    return headers
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------------
+
+class _HeaderDeadline:
+    """Moves the request's asyncio.timeout as its body goes up (see the module docstring)."""
+
+    __slots__ = ("loop", "seconds", "timer", "waiting")
+
+    def __init__(self, timer: asyncio.Timeout, seconds: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timer = timer
+        self.seconds = seconds
+        self.waiting = True  # False once the headers arrived: the timer is gone, the body may still flow
+
+    def arm(self) -> None:
+        if self.waiting:
+            self.timer.reschedule(self.loop.time() + self.seconds)
+
+    def disarm(self) -> None:
+        if self.waiting:
+            self.timer.reschedule(None)
+
+    async def body(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+        """The client's body, chunk by chunk as it arrives, moving the deadline as it goes."""
+        while True:
+            self.disarm()
+            chunk = await content.readany()
+            if not chunk:
+                break
+            self.arm()  # the upstream must take this chunk in time
+            yield chunk
+        self.arm()  # all sent: the headers are due within `seconds`
+
+
+class UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's client request without the headers it invents (Accept, Accept-Encoding, User-Agent): the
+    upstream gets what the client sent. An Accept-Encoding the client never sent would make the upstream
+    compress, and bodies pass through undecoded."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        # Given only when a Content-Type must not be invented either (_relay_http): then aiohttp's own
+        # logic records the set, and adds nothing since every default is in it.
+        if skip_auto_headers is not None:
+            super().update_auto_headers(skip_auto_headers)
+
+
+async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | Anonymous, *,
+                      strip_websocket: bool = False) -> web.StreamResponse:
+    incoming = request.headers
+    headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
+    url = URL(proxy.base + request.raw_path, encoded=True)
+    method = request.method
+    has_body = request.body_exists
+    # aiohttp labels a body without Content-Type (and any POST/PUT/PATCH) application/octet-stream.
+    skip = _NO_AUTO_HEADERS if (has_body or method in _CONTENT_TYPE_METHODS) and (
+        "Content-Type" not in incoming) else None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # Without a body the deadline is simply `timeout` from now; with one, it moves as the body goes up.
+    timer = asyncio.timeout(None if has_body else proxy.timeout)
+    deadline = _HeaderDeadline(timer, proxy.timeout) if has_body else None
+    try:
+        async with timer:
+            up = await proxy.http.request(
+                method, url, headers=headers, data=deadline.body(request.content) if deadline else None,
+                allow_redirects=False, skip_auto_headers=skip)
+            if deadline is not None:
+                deadline.disarm()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if timer.expired():
+            raise UpstreamTimeout(f"no response headers from the upstream within {proxy.timeout:g}s") from None
+        log.warning("upstream request failed", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
+        raise UpstreamError(f"upstream error: {type(exc).__name__}") from None
+    finally:
+        if deadline is not None:
+            deadline.waiting = False
+    proxy.metrics.upstream(loop.time() - started)
+    try:
+        return await _respond(proxy, request, up)
+    finally:
+        up.release()  # a response not read to its end closes its connection instead of pooling it
+
+
+async def _respond(proxy: Proxy, request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
+    status = up.status
+    headers = proxy.policy.response_headers(up.headers)
+    length = up.content_length
+    if (length is not None and length <= SMALL_BODY) or request.method == "HEAD" or status in (204, 304):
+        try:
+            body = await up.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"upstream error while reading the response: {type(exc).__name__}") from None
+        return web.Response(status=status, headers=headers, body=body)
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    try:
+        async for chunk in up.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        # Headers are gone: the only honest signal left is to cut the connection, so the client sees a
+        # truncated body instead of a complete-looking one.
+        up.close()
+        log.warning("upstream failed mid-response", extra={"error": type(exc).__name__})
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+# ---- WebSocket -----------------------------------------------------------------------------------------
+
+def _is_websocket_upgrade(request: web.Request) -> bool:
+    if request.method != "GET" or request.headers.get("Upgrade", "").lower() != "websocket":
+        return False
+    tokens = {t.strip().lower() for v in request.headers.getall("Connection", ()) for t in v.split(",")}
+    return "upgrade" in tokens
+
+
+def _requested_subprotocols(request: web.Request) -> tuple[str, ...]:
+    values = request.headers.getall("Sec-WebSocket-Protocol", ())
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+
+
+async def _relay_websocket(proxy: Proxy, request: web.Request,
+                           identity: Identity | Anonymous) -> web.StreamResponse:
+    headers = _upstream_headers(proxy, request, identity, websocket=True)
+    url = URL(proxy.base + request.raw_path, encoded=True)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    timer = asyncio.timeout(proxy.timeout)
+    try:
+        async with timer:
+            upstream = await proxy.http.ws_connect(
+                url, headers=headers, protocols=_requested_subprotocols(request), autoclose=False,
+                autoping=False, max_msg_size=WS_MAX_MESSAGE,
+                timeout=aiohttp.ClientWSTimeout(ws_close=WS_CLOSE_TIMEOUT))
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status == 101:  # a 101 with a wrong Sec-WebSocket-Accept or protocol: not a sane upstream
+            raise UpstreamError("the upstream's WebSocket handshake is invalid") from None
+        # The upstream refused the upgrade (401, 404, 426...): say so with its status (its body is lost).
+        return web.Response(status=exc.status, text=exc.message or "", headers=NO_STORE)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if timer.expired():
+            raise UpstreamTimeout("the upstream did not accept the WebSocket in time") from None
+        raise UpstreamError(f"upstream error: {type(exc).__name__}") from None
+    proxy.metrics.upstream(loop.time() - started)
+    async with upstream:
+        client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
+                                       autoclose=False, autoping=False, max_msg_size=WS_MAX_MESSAGE,
+                                       timeout=WS_CLOSE_TIMEOUT)
+        await client.prepare(request)
+        await _pump_both(client, upstream)
+    return client
+
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Relay until either side closes; a close is passed on with its code, a dropped side closes the other."""
+    to_upstream = asyncio.ensure_future(_pump(client, upstream))
+    to_client = asyncio.ensure_future(_pump(upstream, client))
+    try:
+        done, pending = await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        if any(task.result() == "gone" for task in done):
+            # One side dropped without a closing handshake: tell the other one we are going away.
+            await asyncio.gather(_going_away(upstream), _going_away(client), return_exceptions=True)
+        # Otherwise a closing handshake is under way in the other pump: let it finish (aiohttp bounds
+        # each close() by its own timeout, 10 s).
+        await asyncio.wait(pending, timeout=WS_CLOSE_TIMEOUT * 2 + 1)
+    finally:
+        for task in (to_upstream, to_client):
+            task.cancel()
+        await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+        await asyncio.gather(_going_away(upstream), _going_away(client), return_exceptions=True)
+
+
+async def _going_away(ws: WebSocket) -> None:
+    if not ws.closed:
+        await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+
+
+async def _pump(src: WebSocket, dst: WebSocket) -> str:
+    """Copy messages from src to dst; "closed" after passing a close on, "closing" when the other pump is
+    closing src, "gone" when src dropped."""
+    while True:
+        msg = await src.receive()
+        kind = msg.type
+        if kind is aiohttp.WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif kind is aiohttp.WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif kind is aiohttp.WSMsgType.PING:
+            await dst.ping(msg.data)
+        elif kind is aiohttp.WSMsgType.PONG:
+            await dst.pong(msg.data)
+        elif kind is aiohttp.WSMsgType.CLOSE:
+            code = msg.data if msg.data in _SENDABLE_CLOSE or 3000 <= msg.data <= 4999 else 1000
+            reason = _close_reason(msg.extra)
+            await dst.close(code=code, message=reason)  # sends the close on and waits for its answer
+            await src.close(code=code, message=reason)  # completes the closing handshake on this side
+            return "closed"
+        elif kind is aiohttp.WSMsgType.CLOSING:
+            return "closing"
+        else:  # CLOSED or ERROR: the connection dropped or broke the protocol
+            return "gone"
+
+
+def _close_reason(extra: Any) -> bytes:
+    reason = extra.encode() if isinstance(extra, str) else b""
+    return reason[:123]  # a close frame's payload is at most 125 bytes, two of them the code

@@ -1,0 +1,121 @@
+"""auth_request mode (SPEC §2) through a real nginx with the shipped deploy/nginx configuration.
+
+browser -> nginx -> echo upstream, nginx asking the gateway's /oauth2/auth for every request and proxying
+/oauth2/* to it. The configs are used as shipped, with only their literal addresses substituted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import Gateway, echoed_headers
+from yarl import URL
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nginx"
+
+pytestmark = [
+    pytest.mark.nginx,
+    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx-light)"),
+]
+
+
+@contextlib.contextmanager
+def run_nginx(server_conf: str, *, nginx_port: int, gateway: str, upstream: str) -> Iterator[str]:
+    """nginx in the foreground from a temporary prefix, with deploy/nginx/<server_conf> as its server."""
+    assert NGINX is not None
+    prefix = Path(tempfile.mkdtemp(prefix="gateway-nginx-test-"))
+    prefix.chmod(0o755)  # started as root, nginx's workers run as nobody and must enter the prefix
+    proc: subprocess.Popen[bytes] | None = None
+    log = (prefix / "stderr.log").open("wb")
+    try:
+        shutil.copy(DEPLOY / "nginx.test.conf", prefix / "nginx.conf")
+        shutil.copy(DEPLOY / "auth_request_cache.conf", prefix / "auth_request_cache.conf")
+        text = (DEPLOY / server_conf).read_text()
+        for literal in ("127.0.0.1:4180", "127.0.0.1:8080", "listen 8000;"):
+            assert literal in text, f"{server_conf} no longer contains {literal!r}"
+        text = (text.replace("127.0.0.1:4180", gateway).replace("127.0.0.1:8080", upstream)
+                .replace("listen 8000;", f"listen 127.0.0.1:{nginx_port};"))
+        (prefix / "auth_request.conf").write_text(text)
+        conf = ["-p", str(prefix), "-c", str(prefix / "nginx.conf")]
+        check = subprocess.run([NGINX, "-t", *conf], capture_output=True, text=True, check=False)
+        assert check.returncode == 0, check.stderr
+        proc = subprocess.Popen([NGINX, *conf], stderr=log)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", nginx_port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, (prefix / "stderr.log").read_text()
+                assert time.monotonic() < deadline, "nginx did not start listening"
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{nginx_port}"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.mark.parametrize("server_conf", ["auth_request.conf", "auth_request_cached.conf"])
+async def test_the_whole_flow_through_nginx(gateway_factory, upstream, unused_tcp_port_factory, server_conf):
+    nginx_port = unused_tcp_port_factory()
+    nginx_url = f"http://127.0.0.1:{nginx_port}"
+    # What the browser sees is nginx: the OAuth callback goes through it, and nginx is a trusted proxy.
+    gw = await gateway_factory(server={"public_url": nginx_url, "trusted_proxies": ["127.0.0.1/32"]})
+    gw.fake.add_user(10, "alice", email="alice@example.com")
+    gateway = URL(gw.public_url).raw_authority
+    with run_nginx(server_conf, nginx_port=nginx_port, gateway=gateway, upstream=URL(upstream).raw_authority):
+        via_nginx: Gateway = dataclasses.replace(gw, public_url=nginx_url)
+        async with via_nginx.browser() as b:
+            # Signed out: the browser is sent to sign in, with the exact path+query to come back to.
+            r = await b.get("/page?a=1&b=x%26y")
+            assert r.status == 302
+            location = URL(r.headers["Location"])
+            assert location.path == "/oauth2/start" and location.query["rd"] == "/page?a=1&b=x%26y"
+            # An API client gets the same sign-in redirect (the shipped config forces it) and no upstream.
+            async with aiohttp.ClientSession() as api, api.post(nginx_url + "/api/x", data=b"{}",
+                                                                allow_redirects=False) as r:
+                assert r.status == 302
+
+            # Signing in happens through nginx too (start, callback and the cookie all on nginx's origin).
+            r = await b.sign_in("alice", rd="/page?a=1")
+            assert r.headers["Location"] == "/page?a=1"
+            r = await b.get("/page?a=1", headers={
+                "X-Forwarded-User": "mallory", "X-Auth-Request-User": "mallory",
+                "X-Forwarded-Groups": "admins", "X-Auth-Request-Groups": "admins"})
+            assert r.status == 200
+            payload = await r.json()
+            assert payload["path"] == "/page?a=1"
+            h = echoed_headers(payload)
+            assert h["x-forwarded-user"] == ["alice"]
+            assert h["x-forwarded-email"] == ["alice@example.com"]
+            assert h["x-forwarded-groups"] == ["gateway-users"]
+            assert "x-auth-request-user" not in h and "x-auth-request-groups" not in h
+
+            # /oauth2/userinfo is the gateway's, reached through nginx.
+            r = await b.get("/oauth2/userinfo")
+            assert r.status == 200 and (await r.json())["user"] == "alice"
+
+            # Sign-out: the cookie goes, and so does access (with the cache too: the key was the cookie).
+            r = await b.get("/oauth2/sign_out?rd=/bye")
+            assert r.status == 302 and r.headers["Location"] == "/bye"
+            r = await b.get("/page?a=1")
+            assert r.status == 302
+            assert URL(r.headers["Location"]).path == "/oauth2/start"
