@@ -16,6 +16,7 @@ from gateway.config import Config
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import groups as db_groups
 from gateway.db import migrate as db_migrate
+from gateway.db import sessions as db_sessions
 from gateway.db.server import create_pool
 from gateway.errors import GatewayError, Unauthenticated
 from gateway.gitlab import GitLabClient
@@ -40,6 +41,8 @@ class Readiness:
 
 
 READINESS = web.AppKey("readiness", Readiness)
+# Only the public listener's requests are gateway_requests_total: admin calls and /metrics scrapes are not traffic.
+COUNT_REQUESTS = web.AppKey("count_requests", bool)
 
 
 # ---- middlewares ---------------------------------------------------------------------------------------
@@ -67,9 +70,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return render(request, GatewayError("The gateway failed to handle this request"), request_id=request_id)
     finally:
         elapsed = time.perf_counter() - started
-        metrics = request.app.get(keys.METRICS)
-        if metrics is not None:
-            metrics.request(status, elapsed)
+        if request.app.get(COUNT_REQUESTS):
+            request.app[keys.METRICS].request(status, elapsed)
         if access_log.isEnabledFor(logging.INFO):
             identity = request.get(keys.IDENTITY)
             access_log.info("request", extra={
@@ -124,6 +126,7 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     from gateway import proxy  # the proxy pulls in the upstream client; keep import order one-way
 
     app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
+    app[COUNT_REQUESTS] = True
     app[keys.HEADER_POLICY] = HeaderPolicy.from_config(cfg)
     app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
     app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, proxy.upstream_ctx])
@@ -161,14 +164,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[keys.METRICS]
+    # The source merges every worker's counters; the active-session gauge is one fact from the database.
+    metrics = request.app[METRICS_SOURCE]()
     with contextlib.suppress(*DB_UNAVAILABLE):
-        from gateway.db import sessions as db_sessions
-
         async with request.app[keys.POOL].acquire(timeout=2) as conn:
             metrics.sessions_active = await db_sessions.count_active(conn)
-    return web.Response(text=request.app[METRICS_SOURCE]().render(), content_type="text/plain",
-                        charset="utf-8", headers={"Cache-Control": "no-store"})
+    response = web.Response(text=metrics.render(), headers={"Cache-Control": "no-store"})
+    response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+    return response
 
 
 METRICS_SOURCE: web.AppKey[Callable[[], Metrics]] = web.AppKey("metrics_source")
