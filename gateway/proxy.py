@@ -7,18 +7,21 @@ exception is a small response of known length, answered with a plain `web.Respon
 cheaper than a streamed one and holds at most SMALL_BODY bytes.
 
 Timeouts:
-- `upstream.connect_timeout` bounds the TCP connect (aiohttp's ClientTimeout.connect); failing it is a 502.
+- `upstream.connect_timeout` bounds opening a TCP connection (aiohttp's ClientTimeout.sock_connect); failing
+  it is a 502, like a refused connection.
 - `upstream.timeout` bounds the wait for the response headers, counted once the request body is sent
-  (SPEC §3). aiohttp's sock_read cannot express that, so one `asyncio.timeout` covers the request until
-  headers: it is disarmed while we wait for the CLIENT's next body chunk (the client's pace is not the
-  upstream's fault), armed while the upstream must accept a chunk (an upstream that stops reading the body is
-  as stuck as one that never answers), and armed for good once the last chunk is sent. Expiry is a 504.
+  (SPEC §3). aiohttp's sock_read cannot express that (it also runs between body reads, and would cut
+  quiet server-sent event streams), so the request carries its own deadline (see Deadlines): armed from the
+  start (covering name resolution, connect, and the wait for the first body chunk to be asked for), lifted
+  while we wait for the CLIENT's next body chunk (the client's pace is not the upstream's fault), armed
+  while the upstream must accept a chunk (an upstream that stops reading the body is as stuck as one that
+  never answers), and armed for good once the last chunk is sent. Expiry is a 504.
 - After the headers nothing bounds the body: server-sent events and long downloads may last for hours.
 
 The client going away: aiohttp cancels the handler (handler_cancellation, see server.py; aiohttp's
-TestServer does the same); the upstream request or response is then closed by its context manager, so the
-upstream sees its connection drop. A write to a client that has gone raises ConnectionResetError, with the
-same effect.
+TestServer does the same); the upstream request is then abandoned, or the upstream response released
+unread, which closes its connection, so the upstream sees it drop. A write to a client that has gone
+raises ConnectionResetError, with the same effect.
 
 WebSockets (`upstream.websockets: true`): an authenticated upgrade is relayed message by message (text,
 binary, ping, pong, close codes). With `websockets: false` an upgrade request is proxied as the plain HTTP
@@ -29,6 +32,7 @@ any GET (typically 400 or 426) and no tunnel is ever opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -54,14 +58,17 @@ from gateway.sessions import SessionStore
 
 log = logging.getLogger("gateway.proxy")
 
-# Responses of known length up to this size are read whole and answered with web.Response (measured: about
-# 1.3x the throughput of a streamed response for small pages); everything else streams.
+# Responses of known length up to this size are read whole and answered with web.Response, much cheaper than
+# a streamed response (shared/anchors: with the one-cookie read, what took an authenticating aiohttp proxy
+# from about 0.7x to 0.9x of a bare one); everything else streams.
 SMALL_BODY = 64 * 1024
 # Idle upstream connections are dropped before the usual 5 s keep-alive of upstream servers (uvicorn, Node),
 # so a request rarely lands on a connection the upstream is closing at that very moment.
 UPSTREAM_KEEPALIVE = 4.0
 # A WebSocket message is held whole by the relay: cap it so one client cannot exhaust the gateway's memory.
 WS_MAX_MESSAGE = 64 * 1024 * 1024
+# How often overdue upstream requests are looked for: `upstream.timeout` fires up to this much late.
+SWEEP_INTERVAL = 0.1
 # How long each side may take to answer a close frame before its connection is simply dropped.
 WS_CLOSE_TIMEOUT = 10.0
 # Headers aiohttp's client adds unless told otherwise; a proxy must not invent them (see UpstreamRequest).
@@ -86,6 +93,7 @@ class Proxy:
     routes: RouteTable
     sessions: SessionStore
     metrics: Metrics
+    deadlines: Deadlines
 
 
 # Not in keys.py: a private handle of this module (like app.READINESS), built from keys.* in upstream_ctx.
@@ -95,9 +103,11 @@ PROXY = web.AppKey("proxy", Proxy)
 def make_session(cfg: Config) -> aiohttp.ClientSession:
     """The one upstream ClientSession: no cookie jar, no decompression, no redirects followed, no pool cap."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
+    # sock_connect, not connect: it costs a timer only when a connection is opened, not on every request
+    # (with no pool limit, `connect` would only add the wait for a pooled connection, which never happens).
     return aiohttp.ClientSession(
         connector=connector, request_class=UpstreamRequest,
-        timeout=aiohttp.ClientTimeout(total=None, connect=cfg.upstream.connect_timeout, sock_read=None),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream.connect_timeout),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
 
@@ -109,8 +119,13 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         http=session, base=cfg.upstream.url.rstrip("/"), upstream_host=urlsplit(cfg.upstream.url).netloc,
         timeout=cfg.upstream.timeout, pass_host_header=cfg.upstream.pass_host_header,
         websockets=cfg.upstream.websockets, prefix=cfg.server.prefix, policy=app[keys.HEADER_POLICY],
-        routes=app[keys.ROUTES], sessions=app[keys.SESSIONS], metrics=app[keys.METRICS])
+        routes=app[keys.ROUTES], sessions=app[keys.SESSIONS], metrics=app[keys.METRICS],
+        deadlines=Deadlines())
+    sweeper = asyncio.create_task(app[PROXY].deadlines.sweep())
     yield
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
     await session.close()
 
 
@@ -171,29 +186,78 @@ def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | A
 
 # ---- HTTP ----------------------------------------------------------------------------------------------
 
-class _HeaderDeadline:
-    """Moves the request's asyncio.timeout as its body goes up (see the module docstring)."""
+class Deadlines:
+    """Header deadlines of in-flight upstream requests, enforced by one sweeping task.
 
-    __slots__ = ("loop", "seconds", "timer", "waiting")
+    A timer per request (asyncio.timeout) costs a heap push, a cancelled handle left in the loop's heap
+    until it is cleaned up, and the Timeout bookkeeping: measurable at thousands of requests per second.
+    Here a request only sets and pops a dict entry; a sweep every SWEEP_INTERVAL cancels the tasks that are
+    overdue, so a deadline fires up to SWEEP_INTERVAL late.
+    """
 
-    def __init__(self, timer: asyncio.Timeout, seconds: float) -> None:
+    def __init__(self) -> None:
+        self._due: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._pending = asyncio.Event()
+
+    def set(self, task: asyncio.Task[Any], when: float) -> None:
+        if not self._due:
+            self._pending.set()
+        self._due[task] = when
+
+    def clear(self, task: asyncio.Task[Any]) -> None:
+        """No deadline for `task` for now (its body pacer may set one again)."""
+        self._due.pop(task, None)
+
+    def done(self, task: asyncio.Task[Any]) -> None:
+        """`task` no longer waits for headers: forget it entirely."""
+        self._due.pop(task, None)
+        self._expired.discard(task)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """True (once) when the sweep cancelled `task` for being overdue."""
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    async def sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._due:
+                self._pending.clear()
+                await self._pending.wait()
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            for task in [t for t, when in self._due.items() if when <= now]:
+                del self._due[task]
+                self._expired.add(task)
+                task.cancel()
+
+
+class _BodyPacer:
+    """Moves a request's deadline as its body goes up (see the module docstring)."""
+
+    __slots__ = ("deadlines", "loop", "seconds", "task", "waiting")
+
+    def __init__(self, deadlines: Deadlines, task: asyncio.Task[Any], seconds: float) -> None:
+        self.deadlines = deadlines
+        self.task = task
         self.loop = asyncio.get_running_loop()
-        self.timer = timer
         self.seconds = seconds
-        self.waiting = True  # False once the headers arrived: the timer is gone, the body may still flow
+        self.waiting = True  # False once the headers arrived: the body may still flow, with no deadline
 
     def arm(self) -> None:
         if self.waiting:
-            self.timer.reschedule(self.loop.time() + self.seconds)
+            self.deadlines.set(self.task, self.loop.time() + self.seconds)
 
     def disarm(self) -> None:
-        if self.waiting:
-            self.timer.reschedule(None)
+        self.deadlines.clear(self.task)
 
     async def body(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         """The client's body, chunk by chunk as it arrives, moving the deadline as it goes."""
         while True:
-            self.disarm()
+            self.disarm()  # waiting for the client: its pace is not the upstream's fault
             chunk = await content.readany()
             if not chunk:
                 break
@@ -224,26 +288,30 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
     # aiohttp labels a body without Content-Type (and any POST/PUT/PATCH) application/octet-stream.
     skip = _NO_AUTO_HEADERS if (has_body or method in _CONTENT_TYPE_METHODS) and (
         "Content-Type" not in incoming) else None
+    task = asyncio.current_task()
+    assert task is not None
+    deadlines = proxy.deadlines
     loop = asyncio.get_running_loop()
     started = loop.time()
-    # Without a body the deadline is simply `timeout` from now; with one, it moves as the body goes up.
-    timer = asyncio.timeout(None if has_body else proxy.timeout)
-    deadline = _HeaderDeadline(timer, proxy.timeout) if has_body else None
+    # Armed from the start (DNS, connect, the first chunk); with a body, the pacer moves it as it goes.
+    deadlines.set(task, started + proxy.timeout)
+    pacer = _BodyPacer(deadlines, task, proxy.timeout) if has_body else None
     try:
-        async with timer:
-            up = await proxy.http.request(
-                method, url, headers=headers, data=deadline.body(request.content) if deadline else None,
-                allow_redirects=False, skip_auto_headers=skip)
-            if deadline is not None:
-                deadline.disarm()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        if timer.expired():
+        up = await proxy.http.request(
+            method, url, headers=headers, data=pacer.body(request.content) if pacer else None,
+            allow_redirects=False, skip_auto_headers=skip)
+    except asyncio.CancelledError:
+        if deadlines.expired(task):
+            task.uncancel()
             raise UpstreamTimeout(f"no response headers from the upstream within {proxy.timeout:g}s") from None
+        raise
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # TimeoutError: aiohttp's sock_connect
         log.warning("upstream request failed", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
         raise UpstreamError(f"upstream error: {type(exc).__name__}") from None
     finally:
-        if deadline is not None:
-            deadline.waiting = False
+        if pacer is not None:
+            pacer.waiting = False
+        deadlines.done(task)
     proxy.metrics.upstream(loop.time() - started)
     try:
         return await _respond(proxy, request, up)

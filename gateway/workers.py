@@ -155,13 +155,13 @@ class Supervisor:
 
     def _read(self, worker: _Worker) -> None:
         """Runs in a thread per worker: blocking reads of its pipe, handed over to the event loop."""
-        while True:
-            try:
-                message = worker.conn.recv()
-            except (EOFError, OSError):
-                break
-            self._loop.call_soon_threadsafe(self._on_message, worker, message)
-        with contextlib.suppress(RuntimeError):  # the loop is already closed at interpreter exit
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the main process is exiting anyway
+            while True:
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    break
+                self._loop.call_soon_threadsafe(self._on_message, worker, message)
             self._loop.call_soon_threadsafe(self._on_exit, worker)
 
     def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import time
@@ -97,11 +98,11 @@ async def test_the_gateway_invents_no_request_headers(gateway_factory, method, b
     """What the upstream receives is what the client sent plus the forwarding and identity headers."""
     gw = await gateway_factory()
     cookie = await sign_in(gw)
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=(
-            "Accept", "Accept-Encoding", "User-Agent", "Content-Type")) as http:
-        async with http.request(method, raw(gw, "/bare"), data=body,
-                                headers={"Cookie": f"{COOKIE}={cookie}"}) as r:
-            h = echoed_headers(await r.json())
+    bare = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=(
+        "Accept", "Accept-Encoding", "User-Agent", "Content-Type"))
+    async with bare as http, http.request(method, raw(gw, "/bare"), data=body,
+                                          headers={"Cookie": f"{COOKIE}={cookie}"}) as r:
+        h = echoed_headers(await r.json())
     assert not {"accept", "accept-encoding", "user-agent", "content-type"} & set(h), h
     payload = await echo(gw, "/typed", cookie=cookie, method="POST", data=b"{}", headers=[
         ("Content-Type", "application/json"), ("User-Agent", "curl/8"), ("Accept", "text/plain")])
@@ -460,17 +461,46 @@ async def test_no_headers_within_the_timeout_is_a_504(gateway_factory):
 
 
 async def test_the_timeout_counts_from_the_end_of_a_slow_upload(gateway_factory):
-    """A client taking 2 s to send its body does not make a 1 s upstream timeout fire."""
+    """A client pausing longer than the 1 s upstream timeout between body chunks does not make it fire."""
     gw = await gateway_factory(upstream={"timeout": "1s"})
     cookie = await sign_in(gw)
 
     async def slow_body() -> AsyncIterator[bytes]:
-        for i in range(5):
-            await asyncio.sleep(0.4)
+        for i in range(3):
+            if i:
+                await asyncio.sleep(1.3)
             yield f"{i}".encode()
 
     payload = await echo(gw, "/upload", cookie=cookie, method="POST", data=slow_body())
-    assert payload["body"] == "01234"
+    assert payload["body"] == "012"
+
+
+async def test_an_upstream_that_stops_reading_the_body_is_a_504(gateway_factory, serve_app):
+    finished = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.Response:
+        # Never reads the body: the gateway's writes stall once the socket buffers are full. (Its reading
+        # paused, this server would not even notice the gateway hanging up: let the test release it.)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished.wait(), 30)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/stall", stalls)
+    gw = await gateway_factory(upstream={"url": await serve_app(app), "timeout": "1s"})
+    cookie = await sign_in(gw)
+
+    async def endless() -> AsyncIterator[bytes]:
+        block = b"u" * 65536
+        for _ in range(2048):  # 128 MiB, far more than socket buffers hold
+            yield block
+
+    started = time.monotonic()
+    async with client(timeout=aiohttp.ClientTimeout(total=15)) as http, http.post(raw(gw, "/stall"), data=endless(),
+                                           headers={"Cookie": f"{COOKIE}={cookie}"}) as r:
+        assert r.status == 504
+    assert time.monotonic() - started < 10
+    finished.set()
 
 
 async def test_client_leaving_before_the_headers_cancels_the_upstream_request(gateway_factory, serve_app):

