@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -47,10 +48,20 @@ COUNT_REQUESTS = web.AppKey("count_requests", bool)
 
 # ---- middlewares ---------------------------------------------------------------------------------------
 
+# Request ids: a random per-process prefix and a counter. Unique enough to correlate log lines, and unlike
+# a random token per request, no system call on every proxied request.
+_REQUEST_ID_PREFIX = secrets.token_hex(4)
+_request_counter = itertools.count(1)
+
+
+def _next_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):08x}"
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, domain errors -> pages/JSON, unexpected errors -> a 500 page without a traceback."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    request_id = request.headers.get("X-Request-Id", "")[:64] or _next_request_id()
     request[keys.REQUEST_ID] = request_id
     log_context = logs.REQUEST_ID.set(request_id)
     started = time.perf_counter()

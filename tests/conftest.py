@@ -4,6 +4,7 @@ cloned from a migrated template, and real servers for the GitLab stand-in, an ec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -86,21 +87,30 @@ def pg_template(pg_base_dsn: str) -> str:
 _db_counter = itertools.count()
 
 
+async def _admin(base_dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(base_dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _database(base_dsn: str, prefix: str, template: str | None = None) -> AsyncIterator[str]:
+    """Create a database for one test (a copy of `template`, or empty), yield its DSN, drop it."""
+    name = f"{prefix}_{os.getpid()}_{next(_db_counter)}"
+    await _admin(base_dsn, f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+    try:
+        yield _with_db(base_dsn, name)
+    finally:
+        await _admin(base_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 async def dsn(pg_base_dsn: str, pg_template: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test."""
-    name = f"gwtest_{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(pg_base_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {pg_template}")
-    finally:
-        await conn.close()
-    yield _with_db(pg_base_dsn, name)
-    conn = await asyncpg.connect(pg_base_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    async with _database(pg_base_dsn, "gwtest", pg_template) as url:
+        yield url
 
 
 @pytest.fixture
@@ -297,6 +307,16 @@ def unused_tcp_port_factory() -> Callable[[], int]:
     return factory
 
 
+async def session_cookie(gw: Gateway, login: str = "alice", uid: int = 10) -> str:
+    """Sign `login` in through the GitLab stand-in (creating them there); return the session cookie value."""
+    gw.fake.add_user(uid, login, name=login.title(), email=f"{login}@example.com")
+    async with gw.browser() as b:
+        await b.sign_in(login)
+        value = b.cookie(gw.config.session.cookie_name)
+    assert value
+    return value
+
+
 async def audit_actions(pool: asyncpg.Pool) -> list[tuple[str, str, dict[str, Any]]]:
     rows = await pool.fetch("SELECT action, subject, details::text AS d FROM audit_events ORDER BY id")
     return [(r["action"], r["subject"], json.loads(r["d"])) for r in rows]
@@ -361,15 +381,5 @@ def write_config(tmp_path: Path, dsn: str) -> Callable[..., Path]:
 @pytest.fixture
 async def empty_dsn(pg_base_dsn: str) -> AsyncIterator[str]:
     """A brand-new, empty database (not cloned from the migrated template): for migration tests."""
-    name = f"gwempty_{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(pg_base_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    yield _with_db(pg_base_dsn, name)
-    conn = await asyncpg.connect(pg_base_dsn)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    async with _database(pg_base_dsn, "gwempty") as url:
+        yield url

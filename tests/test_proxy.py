@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import Gateway, echoed_headers
+from conftest import session_cookie as sign_in
 from yarl import URL
 
 from gateway import keys
@@ -26,14 +27,6 @@ IDENTITY_HEADERS = ("x-forwarded-user", "x-forwarded-email", "x-forwarded-prefer
 
 # ---- helpers -------------------------------------------------------------------------------------------
 
-async def sign_in(gw: Gateway, login: str = "alice", uid: int = 10) -> str:
-    """Sign `login` in through the GitLab stand-in; return the session cookie value."""
-    gw.fake.add_user(uid, login, name=login.title(), email=f"{login}@example.com")
-    async with gw.browser() as b:
-        await b.sign_in(login)
-        value = b.cookie(COOKIE)
-    assert value
-    return value
 
 
 def client(**kw: Any) -> aiohttp.ClientSession:

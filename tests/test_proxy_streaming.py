@@ -23,7 +23,7 @@ import psutil
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import Gateway
+from conftest import session_cookie as sign_in
 
 COOKIE = "_gateway"
 # 2 GiB each way. Measured on the 2-core CI machine: about 3 s per direction (~650 MB/s through the gateway on
@@ -33,13 +33,6 @@ MEMORY_BUDGET = 50 * 1024**2
 CHUNK = 1024 * 1024
 
 
-async def sign_in(gw: Gateway) -> str:
-    gw.fake.add_user(10, "alice", email="alice@example.com")
-    async with gw.browser() as b:
-        await b.sign_in("alice")
-        value = b.cookie(COOKIE)
-    assert value
-    return value
 
 
 # ---- the child process: a source/sink upstream and the client, both in one asyncio loop ---------------

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import Gateway
+from conftest import session_cookie as sign_in
 
 COOKIE = "_gateway"
 
@@ -67,13 +68,6 @@ async def ws_upstream() -> AsyncIterator[WsUpstream]:
     await server.close()
 
 
-async def sign_in(gw: Gateway) -> str:
-    gw.fake.add_user(10, "alice", email="alice@example.com")
-    async with gw.browser() as b:
-        await b.sign_in("alice")
-        value = b.cookie(COOKIE)
-    assert value
-    return value
 
 
 def ws_url(gw: Gateway, path: str) -> str:

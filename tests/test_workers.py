@@ -16,6 +16,7 @@ import psutil
 import pytest
 import yaml
 from conftest import ADMIN_TOKEN, CLIENT_ID, CLIENT_SECRET, SESSION_KEY, Gateway
+from conftest import session_cookie as _sign_in
 
 from gateway import accounts
 from gateway.config import build_config
@@ -96,13 +97,6 @@ async def running(tmp_path, dsn, gitlab, upstream, unused_tcp_port_factory) -> A
                 child.kill()
 
 
-async def _sign_in(gw: Gateway) -> str:
-    gw.fake.add_user(10, "alice", email="alice@example.com")
-    async with gw.browser() as b:
-        await b.sign_in("alice")
-        value = b.cookie(COOKIE)
-    assert value
-    return value
 
 
 def _metric(text: str, name: str) -> float:
