@@ -10,6 +10,7 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
                         shipped deploy/nginx configs do
     bare                bench/bare_proxy.py: aiohttp pass-through, no authentication, one process
     gateway-1           the gateway in proxy mode, server.workers 1
+    gateway-1-info      the same at log.level info (the default): one JSON access-log line per request
     gateway-2           the gateway in proxy mode, server.workers 2
     auth_request        nginx + auth_request to the gateway (deploy/nginx/auth_request.conf)
     auth_request-cache  the same with the 5 s auth cache (deploy/nginx/auth_request_cached.conf)
@@ -24,7 +25,7 @@ Load: wrk -t1 -c32 on 127.0.0.1 (1 s warm-up, then the measured run), or a bound
 is missing. Everything is started here and torn down at the end: nginx instances from temporary prefixes,
 a PostgreSQL ($GATEWAY_TEST_DSN's server, else an embedded one in a temporary directory) holding one user
 and one session whose cookie is minted directly (aiohttp-session's Fernet format), and the gateways
-(`python -m gateway run`, log level warning: no access log line per request).
+(`python -m gateway run`, log level warning, no access log line per request, except the -info row).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ async def mint_session(dsn: str) -> str:
     return Fernet(SESSION_KEY.encode()).encrypt(json.dumps(data).encode()).decode()
 
 
-def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers: int) -> tuple[Path, int, int]:
+def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers: int,
+                   log_level: str = "warning") -> tuple[Path, int, int]:
     public, admin = free_port(), free_port()
     data = {
         "server": {"listen": f"127.0.0.1:{public}", "public_url": f"http://127.0.0.1:{public}", "workers": workers},
@@ -233,7 +235,7 @@ def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers
         "gitlab": {"url": "http://127.0.0.1:9", "client_id": "bench", "client_secret": "bench-secret"},
         "session": {"secrets": [SESSION_KEY]},
         "database": {"dsn": dsn},
-        "log": {"level": "warning"},
+        "log": {"level": log_level},
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -321,13 +323,14 @@ def python_load(url: str, cookie: str, *, duration: int, connections: int) -> Re
 
 # ---- the run -----------------------------------------------------------------------------------------------
 
-NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-2", "auth_request",
+NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-1-info", "gateway-2", "auth_request",
          "auth_request-cache", "go"]
 LABELS = {
     "upstream": "upstream: nginx static 200 B",
     "nginx": "nginx proxy_pass alone",
     "bare": "bare aiohttp proxy (no auth)",
     "gateway-1": "gateway workers=1",
+    "gateway-1-info": "gateway workers=1, access log on",
     "gateway-2": "gateway workers=2",
     "auth_request": "nginx + auth_request -> gateway",
     "auth_request-cache": "nginx + auth_request, 5 s cache",
@@ -381,7 +384,7 @@ def main() -> int:
         (workdir / "www" / "index.html").write_bytes(PAGE)
         up, up_proc = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
         upstream = f"http://127.0.0.1:{up}"
-        wanted = only & {"gateway-1", "gateway-2", "auth_request", "auth_request-cache"}
+        wanted = only & {"gateway-1", "gateway-1-info", "gateway-2", "auth_request", "auth_request-cache"}
         with database(workdir) if wanted else contextlib.nullcontext("") as dsn:
             # Every row gets the same request, this cookie included (only the gateways read it).
             cookie = f"_gateway={asyncio.run(mint_session(dsn))}" if wanted else "_gateway=x"
@@ -432,6 +435,15 @@ def main() -> int:
                         server = deploy_server(conf, gateway=public, upstream=up)
                         port, front = procs.nginx(name, "include auth_request_cache.conf;\n" + server, files)
                         measure(name, f"http://127.0.0.1:{port}/index.html", cookie, [front, proc])
+                procs.stop(proc)
+            if "gateway-1-info" in only:
+                # The default log.level (info): one JSON access-log line per request, written to a file.
+                path, public, admin = gateway_config(workdir, "gateway-1-info", dsn=dsn, upstream=upstream,
+                                                     workers=1, log_level="info")
+                proc = procs.start([sys.executable, "-m", "gateway", "run", "--no-migrate", "-c", str(path)],
+                                   "gateway-1-info", cwd=REPO)
+                wait_ready(admin, proc)
+                measure("gateway-1-info", f"http://127.0.0.1:{public}/index.html", cookie, [proc])
                 procs.stop(proc)
         if "go" in only:
             go = shutil.which("go")
