@@ -1,5 +1,5 @@
 """The admin JSON API under /api/v1 (SPEC §4). Thin handlers: read the request, call the service layer that
-the CLI calls too (gateway.services, gateway.accounts), answer with the shapes of services/shapes.py.
+the CLI calls too (gateway.services), answer with the shapes of services/shapes.py.
 
 Input errors: a body that is not a JSON object, or a bad query parameter, is 400; a JSON object with unknown,
 missing or mistyped fields, or values the rules refuse, is 422. Every change is audited under the name of the
@@ -13,11 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import accounts, keys
+from gateway import keys
 from gateway.app import ADMIN_ACTOR
 from gateway.errors import BadRequest, NotFound, Unprocessable
 from gateway.pages import NO_STORE
-from gateway.services import audit, groups, sessions, shapes
+from gateway.services import accounts, audit, groups, sessions, shapes
 
 API = "/api/v1"
 MAX_ID_DIGITS = 18  # bigint ids; a longer number cannot name a row

@@ -22,12 +22,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from gateway import accounts
 from gateway.config import Config, default_config_path, load_config
 from gateway.db import migrate as db_migrate
 from gateway.db.server import create_pool, describe, resolve_dsn
 from gateway.errors import GatewayError
-from gateway.services import groups, paging, sessions, shapes
+from gateway.services import accounts, groups, paging, sessions, shapes
 
 T = TypeVar("T")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a newline in a description must not break the table

@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from gateway import accounts, keys
+from gateway import keys
 from gateway.db import notify as db_notify
+from gateway.services import accounts
 from gateway.sessions import cookie_value
 
 

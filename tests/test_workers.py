@@ -18,8 +18,8 @@ import yaml
 from conftest import ADMIN_TOKEN, CLIENT_ID, CLIENT_SECRET, SESSION_KEY, Gateway
 from conftest import session_cookie as _sign_in
 
-from gateway import accounts
 from gateway.config import build_config
+from gateway.services import accounts
 
 REPO = Path(__file__).resolve().parents[1]
 COOKIE = "_gateway"

@@ -11,5 +11,5 @@ dataclasses, which shapes.py turns into the JSON of SPEC §4.
     sessions.py  listing and revoking sessions
     audit.py     reading the audit trail
     shapes.py    the JSON shapes
-User services live in gateway/accounts.py.
+User services live in accounts.py.
 """

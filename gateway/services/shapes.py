@@ -10,11 +10,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from gateway.accounts import UserDetails
 from gateway.db.audit import AuditEvent
 from gateway.db.groups import Group
 from gateway.db.sessions import SessionRow
 from gateway.errors import BadRequest
+from gateway.services.accounts import UserDetails
 from gateway.services.groups import Member
 from gateway.services.paging import Page
 
