@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -482,6 +483,12 @@ def _scopes(raw: Any, gitlab_source: str, need_groups: bool, p: _Problems) -> tu
     return tuple(scopes)
 
 
+def _unknown_key(key: str, known: list[str]) -> str:
+    """'unknown key', with the nearest known key when the name looks like a typo of one."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return f"unknown key (did you mean {close[0]}?)" if close else "unknown key"
+
+
 def build_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed YAML tree; raise ConfigError listing every problem."""
     p = _Problems()
@@ -508,7 +515,8 @@ def build_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
             path = f"{name}.{key}"
             parser = fields.get(str(key))
             if parser is None:
-                p.add(path, "unknown key")
+                p.add(path, _unknown_key(str(key), [*fields, *(f"{k}_file" for (sec, k) in _SECRET_FILES
+                                                               if sec == name)]))
                 continue
             if name == "gitlab" and key == "scopes":
                 raw_scopes = value

@@ -206,7 +206,8 @@ def test_unknown_keys_and_sections_are_errors():
     found = problems(data={**copy.deepcopy(MINIMAL), "sever": {"listen": "0.0.0.0:1"},
                            "gitlab": {"client_id": "a", "client_secret": "b", "clientsecret": "c"}})
     assert found[0].startswith("sever: unknown section (known: server, admin, upstream, gitlab,")
-    assert "gitlab.clientsecret: unknown key" in found
+    assert "gitlab.clientsecret: unknown key (did you mean client_secret?)" in found
+    assert "server.colour: unknown key" in problems(server={"colour": "blue"})
     assert "admin.tokens[0].role: unknown key" in problems(admin={"tokens": [{"token": TOKEN, "role": "x"}]})
 
 
