@@ -21,7 +21,14 @@ from cryptography.fernet import InvalidToken
 from gateway import keys, provisioning
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import audit as db_audit
-from gateway.errors import DatabaseUnavailable, Forbidden, GatewayError, GitLabUnavailable, InvalidState
+from gateway.errors import (
+    DatabaseUnavailable,
+    Forbidden,
+    GatewayError,
+    GitLabUnavailable,
+    InvalidState,
+    SignInRefused,
+)
 from gateway.gitlab import pkce_pair, random_token
 from gateway.pages import redirect
 from gateway.redirects import safe_redirect
@@ -130,12 +137,24 @@ async def callback(request: web.Request) -> web.Response:
                                issuer=cfg.gitlab.url)
             need_groups = cfg.provisioning.sync_groups or bool(cfg.provisioning.allowed_groups)
             fetched = await gitlab.sign_in_data(token.access_token, need_groups=need_groups)
+        except SignInRefused as err:
+            # GitLab itself refused (a blocked account, unaccepted terms): audited like every §5 refusal.
+            await provisioning.audit_refusal(request.app[keys.POOL], "", err.code, message=err.message)
+            err.retry_url = err.retry_url or retry
+            raise
         except GatewayError as err:
             err.retry_url = err.retry_url or retry
             raise
+        # Taken before the sign-in: if an invalidation arrives meanwhile, the identity read below may
+        # already be stale and must not be cached (see SessionStore.remember).
+        generation = store.generation
+        new_session = provisioning.NewSession(lifetime=store.lifetime,
+                                              user_agent=request.headers.get("User-Agent", ""),
+                                              client_ip=request.remote or "")
         try:
             result = await provisioning.sign_in(request.app[keys.POOL], cfg.provisioning, fetched.user,
-                                                fetched.groups, bind_groups=cfg.gitlab.groups_source == "api")
+                                                fetched.groups, bind_groups=cfg.gitlab.groups_source == "api",
+                                                session=new_session)
         except GatewayError as err:
             err.retry_url = err.retry_url or retry
             raise
@@ -146,18 +165,15 @@ async def callback(request: web.Request) -> web.Response:
         metrics.login(err.code)
         log.info("sign-in failed", extra={"reason": err.code, "status": err.status})
         raise
+    sid = result.session_id
     previous = store.request_ref(request)
-    pool = request.app[keys.POOL]
-    try:
-        async with pool.acquire() as conn, conn.transaction():
-            sid, expires = await store.create(conn, result.identity, user_agent=request.headers.get("User-Agent", ""),
-                                              client_ip=request.remote or "")
-    except DB_UNAVAILABLE as exc:  # the sign-in itself is committed, the session is not: just retry
-        log.error("session creation failed", extra={"error": type(exc).__name__})
-        raise DatabaseUnavailable(retry_url=start_url(prefix, rd)) from None
     if previous is not None and previous.sid != sid:
-        await store.revoke(previous.sid)
-    store.remember(sid, result.identity, expires)
+        try:
+            await store.revoke(previous.sid)
+        except DatabaseUnavailable:
+            # The new session is committed; the old one still expires or can be revoked by an admin.
+            log.warning("could not revoke the browser's previous session")
+    store.remember(sid, result.identity, result.expires_at, generation=generation)
     metrics.login("success")
     metrics.group_changes(len(result.added), len(result.removed))
     response = redirect(rd)
@@ -180,8 +196,11 @@ async def sign_out(request: web.Request) -> web.Response:
     if ref is not None:
         identity = await store.lookup(ref.sid)
         if await store.revoke(ref.sid) is not None and identity is not None:
-            await db_audit.record(request.app[keys.POOL], identity.login, "sign_out", identity.login,
-                                  session=ref.sid[:8])
+            try:
+                await db_audit.record(request.app[keys.POOL], identity.login, "sign_out", identity.login,
+                                      session=ref.sid[:8])
+            except DB_UNAVAILABLE:
+                log.error("could not audit a sign-out")
     response = redirect(rd)
     response.del_cookie(store.cookie_name, path="/", secure=cfg.cookie_secure, httponly=True,
                         samesite=cfg.session.samesite)

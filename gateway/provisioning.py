@@ -21,15 +21,28 @@ from gateway.db import DB_UNAVAILABLE
 from gateway.db import audit as db_audit
 from gateway.db import groups as db_groups
 from gateway.db import notify as db_notify
+from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
 from gateway.errors import DatabaseUnavailable, SignInRefused
 from gateway.gitlab import GitLabGroup, GitLabUser
 from gateway.identity import Identity
+from gateway.sessions import new_session_id
 
 log = logging.getLogger("gateway.provisioning")
 
 ACTOR = "gitlab-sign-in"
 RETRIES = 4
+_RACES = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.UniqueViolationError,
+          asyncpg.ForeignKeyViolationError)
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """What the server-side session row of this sign-in records (it is created in the same transaction)."""
+
+    lifetime: float
+    user_agent: str
+    client_ip: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +50,8 @@ class SignInResult:
     user: db_users.User
     identity: Identity
     created: bool
+    session_id: str
+    expires_at: float
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     binding_mismatches: tuple[str, ...] = field(default=())
@@ -56,8 +71,13 @@ def in_allowed_groups(groups: tuple[GitLabGroup, ...], allowed: tuple[str, ...])
 
 
 async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
-                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool) -> SignInResult:
-    """Apply rules 2-8 for a GitLab user already fetched; raise SignInRefused on a refusal."""
+                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, session: NewSession
+                  ) -> SignInResult:
+    """Apply rules 2-8 for a GitLab user already fetched and open their session; SignInRefused on a refusal.
+
+    The session row is written in the same transaction, under the user row's lock: an administrator's
+    deactivation either comes first (and this sign-in is refused) or waits and then revokes this session too.
+    """
     try:
         if user.state != "active":
             raise _Refusal("blocked", "Your GitLab account is not active",
@@ -71,17 +91,15 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
         for attempt in range(RETRIES):
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    return await _apply(conn, cfg, user, groups, bind_groups=bind_groups)
-            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
-                if attempt == RETRIES - 1:
-                    raise
+                    return await _apply(conn, cfg, user, groups, bind_groups=bind_groups, session=session)
+            except _RACES as exc:
+                # Another transaction changed what we read (a login taken, a group deleted, the same GitLab
+                # id pre-provisioned, a deadlock): everything was rolled back, so start again from a fresh read.
+                log.info("sign-in raced with another change; retrying",
+                         extra={"error": type(exc).__name__, "attempt": attempt + 1})
                 await asyncio.sleep(0.01 * (attempt + 1))
-            except asyncpg.UniqueViolationError as exc:
-                # Another row took this login between our check and our write (a rename race).
-                if "login" in (exc.constraint_name or "") and attempt < RETRIES - 1:
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        raise DatabaseUnavailable("Your sign-in kept colliding with other changes to your account",
+                                  advice="Nothing was changed. Sign in again in a moment.")
     except _Refusal as refusal:
         await _audit_refusal(pool, user, refusal)
         raise SignInRefused(refusal.message, code=refusal.code, advice=refusal.advice) from None
@@ -91,15 +109,20 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
 
 
 async def _audit_refusal(pool: asyncpg.Pool, user: GitLabUser, refusal: _Refusal) -> None:
+    await audit_refusal(pool, user.username, refusal.code, gitlab_id=user.id, **refusal.details)
+
+
+async def audit_refusal(pool: asyncpg.Pool, subject: str, reason: str, **details: object) -> None:
+    """Record a refused sign-in (best effort: the refusal page is shown even if this cannot be written)."""
     try:
-        await db_audit.record(pool, ACTOR, "sign_in.refused", user.username, reason=refusal.code,
-                              gitlab_id=user.id, **refusal.details)
+        await db_audit.record(pool, ACTOR, "sign_in.refused", subject, reason=reason, **details)
     except DB_UNAVAILABLE:
-        log.error("could not audit a refused sign-in", extra={"reason": refusal.code})
+        log.error("could not audit a refused sign-in", extra={"reason": reason})
 
 
 async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUser,
-                 groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool) -> SignInResult:
+                 groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, session: NewSession
+                 ) -> SignInResult:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
     # Rule 3: find by GitLab id, else a pre-provisioned unlinked row by username.
     user = await db_users.by_gitlab_id_for_update(conn, gl.id)
@@ -148,7 +171,10 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
                           synced=cfg.sync_groups)
     names = sorted(m.name for m in await db_users.memberships(conn, user.id))
     identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=tuple(names))
-    return SignInResult(user, identity, created, tuple(added), tuple(removed), tuple(mismatches))
+    sid = new_session_id()
+    expires = await db_sessions.insert(conn, sid, user.id, lifetime=session.lifetime,
+                                       user_agent=session.user_agent, client_ip=session.client_ip)
+    return SignInResult(user, identity, created, sid, expires, tuple(added), tuple(removed), tuple(mismatches))
 
 
 def _username_taken(gl: GitLabUser, holder: db_users.User) -> _Refusal:
@@ -175,9 +201,17 @@ async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
         if not bind_groups or gitlab_id is None:
             target[local.id] = local.name
         elif local.gitlab_group_id is None:
-            await db_groups.bind(conn, local.id, gitlab_id)
-            await db_audit.record(conn, ACTOR, "group.bound", local.name, gitlab_group_id=gitlab_id)
-            target[local.id] = local.name
+            if await db_groups.bind(conn, local.id, gitlab_id):
+                await db_audit.record(conn, ACTOR, "group.bound", local.name, gitlab_group_id=gitlab_id)
+                target[local.id] = local.name
+            else:
+                # Another local group is bound to this GitLab group (it was renamed at GitLab and a group
+                # with the new name was created here): bind neither, say so, and let an administrator merge.
+                mismatches.append(local.name)
+                await db_audit.record(conn, ACTOR, "group.binding_mismatch", local.name,
+                                      seen_gitlab_group_id=gitlab_id,
+                                      message="this GitLab group is already bound to another local group "
+                                              "(renamed at GitLab?); rename or delete one of the two")
         elif local.gitlab_group_id == gitlab_id:
             target[local.id] = local.name
         else:

@@ -174,8 +174,19 @@ class SessionStore:
             self._store(sid, identity, now, row["expires_at"] if row else time.time() + NEGATIVE_TTL)
         return identity
 
-    def remember(self, sid: str, identity: Identity, expires_at: float) -> None:
-        """Prime the cache at sign-in: the first proxied request then needs no query."""
+    @property
+    def generation(self) -> int:
+        """Changes with every invalidation; compare before and after reading something to cache."""
+        return self._generation
+
+    def remember(self, sid: str, identity: Identity, expires_at: float, *, generation: int | None = None) -> None:
+        """Prime the cache at sign-in: the first proxied request then needs no query.
+
+        `generation` is `self.generation` from before the identity was read: if an invalidation (a
+        deactivation, a membership change) arrived since, the identity may be stale and is not cached.
+        """
+        if generation is not None and generation != self._generation:
+            return
         self._store(sid, identity, self._clock(), expires_at)
 
     def _store(self, sid: str, identity: Identity | None, fetched: float, expires: float) -> None:
@@ -219,19 +230,15 @@ class SessionStore:
 
     # ---- server-side rows ---------------------------------------------------------------------------
 
-    async def create(self, conn: asyncpg.Connection, identity: Identity, *, user_agent: str, client_ip: str
-                     ) -> tuple[str, float]:
-        """Insert a new session row (a NEW id at every sign-in: no fixation); return (id, expiry)."""
-        sid = new_session_id()
-        expires = await db_sessions.insert(conn, sid, identity.user_id, lifetime=self.lifetime,
-                                           user_agent=user_agent, client_ip=client_ip)
-        return sid, expires
 
     async def revoke(self, sid: str) -> int | None:
         """Revoke one session everywhere; the owner's id, or None when it was not active."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            uid = await db_sessions.revoke(conn, sid)
-            await db_notify.notify(conn, "session", sid)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                uid = await db_sessions.revoke(conn, sid)
+                await db_notify.notify(conn, "session", sid)
+        except DB_UNAVAILABLE as exc:
+            raise DatabaseUnavailable(f"session revocation failed: {type(exc).__name__}") from None
         self.invalidate_session(sid)
         return uid
 

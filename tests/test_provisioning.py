@@ -9,6 +9,8 @@ import asyncpg
 import pytest
 from conftest import Gateway, audit_actions
 
+from gateway.services import accounts
+
 
 async def sign_in(gw: Gateway, username: str, *, expect: int = 302) -> tuple[int, str]:
     async with gw.browser() as b:
@@ -105,6 +107,9 @@ async def test_blocked_gitlab_account_is_refused(gateway_factory: Any, db: async
     _, body = await sign_in(gw, "dave", expect=403)
     assert "blocked" in body
     assert await db.fetchval("SELECT count(*) FROM users") == 0
+    # Refused by GitLab itself (403 on /api/v4/user), and audited like every other refusal.
+    (action, _, details), = await audit_actions(db)
+    assert action == "sign_in.refused" and details["reason"] == "blocked"
 
 
 # ---- rule 2: allowed groups ---------------------------------------------------------------------------------
@@ -350,6 +355,99 @@ async def test_group_binding_by_gitlab_id(gateway_factory: Any, db: asyncpg.Pool
     assert await groups_of(db, "mallory") == {"gateway-users": "default"}
     mismatch = [a for a in await audit_actions(db) if a[0] == "group.binding_mismatch"]
     assert mismatch and mismatch[0][1] == "acme" and mismatch[0][2]["seen_gitlab_group_id"] == 77
+
+
+async def test_group_renamed_at_gitlab_and_recreated_locally(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    """acme (bound to GitLab id 1) is renamed acme-new at GitLab and an admin creates a local acme-new: the
+    GitLab group cannot be bound twice, so neither matches; sign-in still works and the audit says why."""
+    gw = await gateway_factory()
+    seed_acme(gw)
+    gw.fake.add_member("alice", "acme")
+    await add_local_groups(db, "acme")
+    await sign_in(gw, "alice")
+    gw.fake.rename_group("acme", "acme-new")
+    await add_local_groups(db, "acme-new")
+    await sign_in(gw, "alice")
+    assert await groups_of(db, "alice") == {"gateway-users": "default"}
+    assert await db.fetchval("SELECT gitlab_group_id FROM groups WHERE name = 'acme-new'") is None
+    mismatch = [a for a in await audit_actions(db) if a[0] == "group.binding_mismatch"]
+    assert mismatch[-1][1] == "acme-new" and mismatch[-1][2]["seen_gitlab_group_id"] == 1
+
+
+async def test_group_deleted_during_sign_in(gateway_factory: Any, db: asyncpg.Pool, dsn: str) -> None:
+    """An administrator deletes a group while a sign-in is adding the user to it: the sign-in starts over
+    and succeeds without it (never a 500)."""
+    gw = await gateway_factory()
+    seed_acme(gw)
+    gw.fake.add_member("alice", "acme")
+    await add_local_groups(db, "acme")
+    await sign_in(gw, "alice")
+    await db.execute("DELETE FROM memberships m USING groups g WHERE g.id = m.group_id AND g.name = 'acme'")
+    admin = await asyncpg.connect(dsn)
+    try:
+        async with admin.transaction():
+            await admin.execute("DELETE FROM groups WHERE name = 'acme'")
+            signing_in = asyncio.create_task(sign_in(gw, "alice"))
+            # The sign-in read the group and now waits for our transaction on its membership insert.
+            await wait_for_lock_waiter(db)
+        assert (await signing_in)[0] == 302
+    finally:
+        await admin.close()
+    assert await groups_of(db, "alice") == {"gateway-users": "default"}
+
+
+async def wait_for_lock_waiter(db: asyncpg.Pool) -> None:
+    for _ in range(200):
+        if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND datname = current_database()"):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("nothing ever waited for the lock")
+
+
+async def test_deactivation_before_a_sign_in_commits(gateway_factory: Any, db: asyncpg.Pool, dsn: str) -> None:
+    """A deactivation holding the user row while a sign-in starts: the sign-in waits, then is refused."""
+    gw = await gateway_factory()
+    gw.fake.add_user(10, "alice")
+    await sign_in(gw, "alice")
+    admin = await asyncpg.connect(dsn)
+    try:
+        async with admin.transaction():
+            await admin.execute("UPDATE users SET active = false")
+            await admin.execute("UPDATE sessions SET revoked_at = now() WHERE revoked_at IS NULL")
+            signing_in = asyncio.create_task(sign_in(gw, "alice", expect=403))
+            await wait_for_lock_waiter(db)
+        _, body = await signing_in
+    finally:
+        await admin.close()
+    assert "deactivated" in body
+    assert await db.fetchval("SELECT count(*) FROM sessions WHERE revoked_at IS NULL") == 0
+
+
+async def test_deactivation_while_a_sign_in_is_committing(gateway_factory: Any, db: asyncpg.Pool,
+                                                          dsn: str) -> None:
+    """The other order: the sign-in holds the user row when an administrator deactivates. The deactivation
+    waits for it, then revokes every session, the new one included: the new cookie is refused everywhere."""
+    gw = await gateway_factory(session={"check_interval": "1h"})
+    gw.fake.add_user(10, "alice")
+    await sign_in(gw, "alice")
+    blocker = await asyncpg.connect(dsn)
+    try:
+        async with gw.browser() as b:
+            async with blocker.transaction():
+                # Lets the sign-in lock the user row and do its work, then stops it at its session insert.
+                await blocker.execute("LOCK TABLE sessions IN SHARE MODE")
+                signing_in = asyncio.create_task(b.sign_in("alice"))
+                await wait_for_lock_waiter(db)
+                deactivating = asyncio.create_task(accounts.set_active(db, "alice", False, actor="test"))
+                await asyncio.sleep(0.2)
+                assert not deactivating.done()  # it waits for the sign-in's lock on the user row
+            await signing_in
+            await deactivating
+            assert await db.fetchval("SELECT count(*) FROM sessions WHERE revoked_at IS NULL") == 0
+            assert (await b.get("/oauth2/userinfo")).status == 401
+    finally:
+        await blocker.close()
 
 
 async def test_records_login_and_sync_times(gateway_factory: Any, db: asyncpg.Pool) -> None:

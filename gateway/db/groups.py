@@ -16,7 +16,11 @@ BY_NAME = f"SELECT {COLUMNS} FROM groups g WHERE g.name = $1"
 DEFAULT = f"SELECT {COLUMNS} FROM groups g WHERE g.builtin ORDER BY g.id LIMIT 1"
 LIST = f"SELECT {COLUMNS} FROM groups g WHERE ($1::bigint IS NULL OR g.id > $1) ORDER BY g.id LIMIT $2"
 # Rule 7: bind only while unbound, so two sign-ins racing to bind the same group cannot both win.
-BIND = "UPDATE groups SET gitlab_group_id = $2 WHERE id = $1 AND gitlab_group_id IS NULL RETURNING id"
+BIND = """
+UPDATE groups SET gitlab_group_id = $2
+WHERE id = $1 AND gitlab_group_id IS NULL
+  AND NOT EXISTS (SELECT 1 FROM groups other WHERE other.gitlab_group_id = $2)
+RETURNING id"""
 LOCK_FOR_BINDING = "SELECT id FROM groups WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
 RENAME_DEFAULT = "UPDATE groups SET name = $1 WHERE builtin AND name <> $1"
 INSERT = f"""
