@@ -10,10 +10,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import asyncpg
 from aiohttp import web
 
 from gateway import auth_request, keys, login, logs
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import groups as db_groups
 from gateway.db import migrate as db_migrate
@@ -44,6 +45,8 @@ class Readiness:
 READINESS = web.AppKey("readiness", Readiness)
 # Only the public listener's requests are gateway_requests_total: admin calls and /metrics scrapes are not traffic.
 COUNT_REQUESTS = web.AppKey("count_requests", bool)
+# The admin listener answers errors as JSON whatever the client accepts: its clients are programs.
+JSON_ERRORS = web.AppKey("json_errors", bool)
 
 
 # ---- middlewares ---------------------------------------------------------------------------------------
@@ -72,10 +75,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     except web.HTTPException as exc:
         status = exc.status
+        if status >= 400 and request.app.get(JSON_ERRORS):
+            # aiohttp's own 404/405/413 are plain text: the admin API answers every error in its JSON shape.
+            err = GatewayError(exc.reason, code=exc.reason.lower().replace(" ", "_"), advice="")
+            err.status = status
+            return render(request, err, request_id=request_id, json_only=True)
         raise
     except GatewayError as err:
         status = err.status
-        return render(request, err, request_id=request_id)
+        return render(request, err, request_id=request_id, json_only=request.app.get(JSON_ERRORS, False))
     except Exception:
         log.exception("unhandled error", extra={"request_id": request_id})
         return render(request, GatewayError("The gateway failed to handle this request"), request_id=request_id)
@@ -99,10 +107,20 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG]
     pool = await create_pool(app[keys.DSN], size=cfg.database.pool_size)
     app[keys.POOL] = pool
+    taken = False
     async with pool.acquire() as conn:
         app[READINESS].migrations_current = not await db_migrate.pending(conn)
         if app[READINESS].migrations_current:
-            await db_groups.rename_default(conn, cfg.provisioning.default_group)
+            try:
+                await db_groups.rename_default(conn, cfg.provisioning.default_group)
+            except asyncpg.UniqueViolationError:
+                taken = True
+    if taken:
+        await pool.close()
+        name = cfg.provisioning.default_group
+        raise ConfigError([
+            f"provisioning.default_group: a group named {name!r} already exists and is not the default group; "
+            "rename or delete it (gateway groups delete), or choose another name"])
     yield
     await pool.close()
 
@@ -218,6 +236,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
 
     app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
     app.middlewares.append(bearer_middleware)
+    app[JSON_ERRORS] = True
     app[METRICS_SOURCE] = metrics_source or (lambda: app[keys.METRICS])
     app.cleanup_ctx.append(database_ctx)
     app.router.add_get("/healthz", healthz)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from cryptography.fernet import Fernet
@@ -174,6 +174,10 @@ class _Problems:
     def add(self, path: str, message: str) -> None:
         self.items.append(f"{path}: {message}")
 
+    def reported(self, path: str) -> bool:
+        """True when a problem was already recorded for `path` (or its *_file variant, or an item of it)."""
+        return any(item.startswith((f"{path}:", f"{path}[", f"{path}_file:")) for item in self.items)
+
 
 def _interpolate(value: Any, path: str, env: Mapping[str, str], problems: _Problems) -> Any:
     """Replace `${VAR}` in every string of the tree; an unset variable is a problem naming it."""
@@ -268,16 +272,38 @@ def _str_list(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
 
 
 def _listen(v: Any, path: str, p: _Problems) -> Listen | None:
-    m = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", v) if isinstance(v, str) else None
-    if m is None or not 0 <= int(m.group(2)) <= 65535:
+    m = re.fullmatch(r"(?:\[([0-9A-Fa-f:.]+)\]|([^\[\]:]*)):(\d{1,5})", v) if isinstance(v, str) else None
+    if m is None or not 0 <= int(m.group(3)) <= 65535:
         p.add(path, 'must be "host:port", e.g. "0.0.0.0:4180" or "[::]:4180"')
         return None
-    return Listen(m.group(1) or "0.0.0.0", int(m.group(2)))
+    return Listen(m.group(1) or m.group(2) or "0.0.0.0", int(m.group(3)))
+
+
+def _split_url(v: Any) -> SplitResult | None:
+    """urlsplit, or None for a non-string or a URL it cannot parse (an unbalanced "[", a bad port)."""
+    if not isinstance(v, str):
+        return None
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not a number from 0 to 65535)
+    except ValueError:
+        return None
+    return parts
+
+
+def _dsn(v: Any, path: str, p: _Problems) -> str | None:
+    if v is None:
+        return None
+    parts = _split_url(v)
+    if parts is None or parts.scheme not in ("postgres", "postgresql"):
+        p.add(path, "must be a PostgreSQL URL such as postgresql://user:password@host:5432/gateway (or null)")
+        return None
+    return str(v)
 
 
 def _http_url(*, allow_path: bool) -> Callable[[Any, str, _Problems], str | None]:
     def parse(v: Any, path: str, p: _Problems) -> str | None:
-        parts = urlsplit(v) if isinstance(v, str) else None
+        parts = _split_url(v)
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             p.add(path, "must be an http(s) URL")
             return None
@@ -427,7 +453,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
         "samesite": _choice("lax", "strict", "none"), "check_interval": _duration,
     }),
     "database": (DatabaseConfig, {
-        "dsn": _opt_str, "state_dir": _str, "pool_size": _int(1, 1000),
+        "dsn": _dsn, "state_dir": _str, "pool_size": _int(1, 1000),
     }),
     "routes": (RoutesConfig, {"public": _route_rules, "api": _route_rules}),
     "headers": (HeadersConfig, {
@@ -483,6 +509,25 @@ def _scopes(raw: Any, gitlab_source: str, need_groups: bool, p: _Problems) -> tu
     return tuple(scopes)
 
 
+# SPEC §3's defaults for the three secrets are environment variables: used when neither the key nor its
+# *_file variant is in the file and the variable is set.
+_ENV_DEFAULTS = {
+    ("gitlab", "client_secret"): ("GITLAB_CLIENT_SECRET", False),
+    ("session", "secrets"): ("GATEWAY_SESSION_SECRET", True),
+    ("admin", "tokens"): ("GATEWAY_ADMIN_TOKEN", True),
+}
+
+
+def _apply_env_defaults(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for (section, key), (var, is_list) in _ENV_DEFAULTS.items():
+        raw = data.get(section)
+        if raw is None:
+            raw = data[section] = {}
+        if not isinstance(raw, dict) or key in raw or f"{key}_file" in raw or var not in env:
+            continue
+        raw[key] = [env[var]] if is_list else env[var]
+
+
 def _unknown_key(key: str, known: list[str]) -> str:
     """'unknown key', with the nearest known key when the name looks like a typo of one."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
@@ -496,7 +541,9 @@ def build_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of sections (server, gitlab, ...)"])
-    data = _interpolate(data, "", os.environ if env is None else env, p)
+    environment = os.environ if env is None else env
+    data = _interpolate(data, "", environment, p)
+    _apply_env_defaults(data, environment)
     sections: dict[str, Any] = {}
     raw_scopes: Any = None
     for name in data:
@@ -550,12 +597,13 @@ def _cross_checks(cfg: Config, data: dict[str, Any], p: _Problems) -> None:
     assert isinstance(gitlab, dict)
     if not cfg.gitlab.client_id and "client_id" not in gitlab:
         p.add("gitlab.client_id", "is required (the Application ID of your GitLab OAuth application)")
-    if not cfg.gitlab.client_secret and "client_secret" not in gitlab and "client_secret_file" not in gitlab:
-        p.add("gitlab.client_secret", "is required (or gitlab.client_secret_file)")
-    session = data.get("session") if isinstance(data.get("session"), dict) else {}
-    assert isinstance(session, dict)
-    if not cfg.session.secrets and "secrets" not in session and "secrets_file" not in session:
-        p.add("session.secrets", "needs at least one Fernet key")
+    # Whatever supplied them (the key, its *_file, or the environment variable), these must end up non-empty;
+    # a problem already reported under the same key (an unset ${VAR}, an unreadable file) says enough.
+    if not cfg.gitlab.client_secret and not p.reported("gitlab.client_secret"):
+        p.add("gitlab.client_secret", "is required (or gitlab.client_secret_file, or $GITLAB_CLIENT_SECRET)")
+    if not cfg.session.secrets and not p.reported("session.secrets"):
+        p.add("session.secrets", "needs at least one Fernet key (or session.secrets_file, or "
+              "$GATEWAY_SESSION_SECRET)")
     if cfg.server.public_url.startswith("https://") and not cfg.session.secure:
         p.add("session.secure", "cannot be false when server.public_url is https")
     if cfg.session.samesite == "None" and not cfg.cookie_secure:

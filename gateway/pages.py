@@ -30,11 +30,12 @@ def wants_html(request: web.BaseRequest) -> bool:
     return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
 
 
-def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "") -> web.Response:
+def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "", json_only: bool = False
+           ) -> web.Response:
     headers = dict(NO_STORE)
     if err.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
-    if not wants_html(request):
+    if json_only or not wants_html(request):
         body = {"error": err.code, "message": err.message}
         return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
                             headers=headers)

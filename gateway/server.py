@@ -30,7 +30,8 @@ SHUTDOWN_GRACE = 30.0
 async def connect(dsn: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=10)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    # ValueError/OverflowError: a DSN asyncpg cannot use (a port out of range)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OverflowError) as exc:
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe(dsn)} ({type(exc).__name__}); check that the server is "
             "running and reachable, and the user, password and database name in database.dsn") from None

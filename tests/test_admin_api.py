@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -530,3 +531,33 @@ async def test_pre_provisioned_user_is_linked_at_first_sign_in(gw, api):
     user = await call(api, "GET", "/api/v1/users/alice", 200)
     assert (user["gitlab_id"], user["email"], user["provisioned_by"]) == (10, "alice@example.com", "admin")
     assert len((await call(api, "GET", "/api/v1/users", 200))["items"]) == 1
+
+
+async def test_every_admin_error_is_json(api: Any) -> None:
+    """aiohttp's own 404/405/413 and errors for a client that accepts HTML keep the API's JSON shape."""
+    cases = [("GET", "/api/v1/nope", {}, 404, "not_found"),
+             ("PUT", "/api/v1/groups", {}, 405, "method_not_allowed"),
+             ("GET", "/api/v1/groups/999", {"Accept": "text/html"}, 404, "not_found"),
+             ("POST", "/api/v1/groups", {"Content-Type": "application/json"}, 413, "request_entity_too_large")]
+    for method, path, headers, status, code in cases:
+        data = io.BytesIO(b'{"name": "' + b"x" * (2 * 1024**2) + b'"}') if status == 413 else None
+        async with api.request(method, path, headers=headers, data=data) as r:
+            assert r.status == status, (method, path)
+            assert r.content_type == "application/json", (method, path)
+            body = await r.json()
+            assert body["error"] == code and body["message"], body
+
+
+async def test_reactivating_an_active_user_changes_nothing(gw: Any, api: Any, db: Any) -> None:
+    async with api.post("/api/v1/users", json={"login": "bob", "email": "b@example.com", "name": "Bob"}) as r:
+        assert r.status == 201
+    before = await db.fetchval("SELECT count(*) FROM audit_events")
+    async with api.patch("/api/v1/users/bob", json={"active": True}) as r:
+        assert r.status == 200 and (await r.json())["active"] is True
+    assert await db.fetchval("SELECT count(*) FROM audit_events") == before
+    async with api.patch("/api/v1/users/bob", json={"active": False}) as r:
+        assert r.status == 200
+    async with api.patch("/api/v1/users/bob", json={"active": False}) as r:
+        assert r.status == 200
+    actions = [a for (a,) in await db.fetch("SELECT action FROM audit_events WHERE subject = 'bob' ORDER BY id")]
+    assert actions.count("user.deactivated") == 1

@@ -74,8 +74,8 @@ def test_defaults_match_the_spec():
 def test_an_empty_file_names_the_three_required_settings():
     assert problems(data={}) == [
         "gitlab.client_id: is required (the Application ID of your GitLab OAuth application)",
-        "gitlab.client_secret: is required (or gitlab.client_secret_file)",
-        "session.secrets: needs at least one Fernet key",
+        "gitlab.client_secret: is required (or gitlab.client_secret_file, or $GITLAB_CLIENT_SECRET)",
+        "session.secrets: needs at least one Fernet key (or session.secrets_file, or $GATEWAY_SESSION_SECRET)",
     ]
 
 
@@ -163,7 +163,9 @@ BAD_VALUES = [
     ("session", "samesite", "sometimes", "session.samesite: must be one of lax, strict, none"),
     ("session", "samesite", "none", "session.samesite: none requires secure cookies"),
     ("session", "check_interval", "0s", "session.check_interval: must be a positive duration"),
-    ("database", "dsn", 5432, "database.dsn: must be a non-empty string"),
+    ("database", "dsn", 5432, "database.dsn: must be a PostgreSQL URL"),
+    ("database", "dsn", "mysql://db/gw", "database.dsn: must be a PostgreSQL URL"),
+    ("database", "dsn", "postgresql://u@127.0.0.1:99999/gw", "database.dsn: must be a PostgreSQL URL"),
     ("database", "state_dir", "", "database.state_dir: must be a non-empty string"),
     ("database", "pool_size", 0, "database.pool_size: must be an integer from 1 to 1000"),
     ("routes", "public", ["GET=(unclosed"], "routes.public[0]:"),
@@ -437,3 +439,41 @@ def test_config_is_frozen():
     cfg = config()
     with pytest.raises(AttributeError):
         cfg.server.workers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("secrets", [{"secrets": []}, {"secrets_file": "EMPTY"}])
+def test_no_session_key_from_any_source_is_an_error(secrets, tmp_path):
+    if "secrets_file" in secrets:
+        (tmp_path / "keys").write_text("\n  \n")
+        secrets = {"secrets_file": str(tmp_path / "keys")}
+    found = problems(data={"gitlab": MINIMAL["gitlab"], "session": secrets})
+    assert found == ["session.secrets: needs at least one Fernet key (or session.secrets_file, or "
+                     "$GATEWAY_SESSION_SECRET)"]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("url", "http://[gitlab.internal"), ("url", "http://gitlab:abc"), ("url", "http://gitlab:99999"),
+])
+def test_urls_that_cannot_be_parsed_are_problems_not_tracebacks(key, value):
+    assert problems(gitlab={key: value}) == [f"gitlab.{key}: must be an http(s) URL"]
+
+
+@pytest.mark.parametrize("value", ["[::1:4180", "::1:4180", "host:port", "h:70000"])
+def test_bad_listen_addresses(value):
+    assert problems(server={"listen": value})[0].startswith("server.listen: must be")
+
+
+def test_listen_forms():
+    assert str(config(server={"listen": "[::1]:4180"}).server.listen) == "[::1]:4180"
+    assert config(server={"listen": ":4180"}).server.listen.host == "0.0.0.0"
+
+
+def test_secrets_default_to_the_environment_variables_of_the_spec():
+    cfg = build_config({"gitlab": {"client_id": "app"}}, env=EXAMPLE_ENV)
+    assert cfg.gitlab.client_secret == "from-env-secret"
+    assert cfg.session.secrets == (KEY,)
+    assert [(t.name, t.token) for t in cfg.admin.tokens] == [("admin-1", TOKEN)]
+    # A key in the file wins over the variable; without the variable nothing is invented.
+    cfg = build_config({**MINIMAL, "admin": {"tokens": []}}, env=EXAMPLE_ENV)
+    assert cfg.gitlab.client_secret == "app-secret" and cfg.admin.tokens == ()
+    assert build_config(MINIMAL, env={}).admin.tokens == ()

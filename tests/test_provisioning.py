@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 from conftest import Gateway, audit_actions
 
+from gateway.config import ConfigError
 from gateway.services import accounts
 
 
@@ -234,6 +235,13 @@ async def test_default_group_follows_configuration(gateway_factory: Any, db: asy
     gw.fake.add_user(10, "alice")
     await sign_in(gw, "alice")
     assert await groups_of(db, "alice") == {"everyone": "default"}
+
+
+async def test_default_group_name_taken_is_a_config_error(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    await add_local_groups(db, "staff")
+    with pytest.raises(ConfigError) as info:
+        await gateway_factory(provisioning={"default_group": "staff"})
+    assert info.value.problems[0].startswith("provisioning.default_group: a group named 'staff' already exists")
 
 
 # ---- rule 5: existing users -------------------------------------------------------------------------------------

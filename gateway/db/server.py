@@ -74,7 +74,8 @@ async def create_pool(dsn: str, *, size: int) -> asyncpg.Pool:
     """A pool, or DatabaseUnavailable with one sentence naming the host and what to check."""
     try:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, timeout=10, command_timeout=30)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    # ValueError/OverflowError: a DSN asyncpg cannot use (a port out of range)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OverflowError) as exc:
         raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {describe(dsn)} ({type(exc).__name__}: {exc}); check that the "
             "server is running and reachable, and the user, password and database name in database.dsn"

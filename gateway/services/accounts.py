@@ -120,11 +120,15 @@ async def create_user(pool: asyncpg.Pool, *, login: str, email: str, name: str, 
 
 
 async def set_active(pool: asyncpg.Pool, login: str, active: bool, *, actor: str) -> db_users.User:
-    """Deactivate (revoking every session, everywhere) or reactivate a user."""
+    """Deactivate (revoking every session, everywhere) or reactivate a user; a no-op when already so."""
     async with transaction(pool) as conn:
-        user = await db_users.set_active(conn, login, active)
-        if user is None:
+        current = await db_users.by_login(conn, login, for_update=True)
+        if current is None:
             raise NotFound(f"No user with login {login}")
+        if current.active == active:
+            return current  # nothing changes: no audit event, no cache flush
+        user = await db_users.set_active(conn, login, active)
+        assert user is not None  # the row is locked above
         revoked: list[str] = []
         if not active:
             revoked = await db_sessions.revoke_user(conn, user.id)
