@@ -31,6 +31,12 @@ async def add_local_groups(db: asyncpg.Pool, *names: str) -> None:
         await db.execute("INSERT INTO groups (name) VALUES ($1)", name)
 
 
+async def add_manual_membership(db: asyncpg.Pool, group: str) -> None:
+    """What an administrator's `add-member` leaves: a membership with source manual (the only user)."""
+    await db.execute("""INSERT INTO memberships (user_id, group_id, source)
+                        SELECT u.id, g.id, 'manual' FROM users u, groups g WHERE g.name = $1""", group)
+
+
 def seed_acme(gw: Gateway) -> None:
     fake = gw.fake
     fake.add_group(1, "acme")
@@ -300,8 +306,7 @@ async def test_manual_membership_reset_at_next_sign_in(gateway_factory: Any, db:
     gw.fake.add_member("alice", "acme")
     await add_local_groups(db, "acme", "ops")
     await sign_in(gw, "alice")
-    await db.execute("""INSERT INTO memberships (user_id, group_id, source)
-                        SELECT u.id, g.id, 'manual' FROM users u, groups g WHERE g.name = 'ops'""")
+    await add_manual_membership(db, "ops")
     await sign_in(gw, "alice")
     assert await groups_of(db, "alice") == {"gateway-users": "default", "acme": "sync"}
     event = [a for a in await audit_actions(db) if a[0] == "sign_in"][-1]
@@ -314,8 +319,7 @@ async def test_keep_manual_memberships(gateway_factory: Any, db: asyncpg.Pool) -
     gw.fake.add_member("alice", "acme")
     await add_local_groups(db, "acme", "ops")
     await sign_in(gw, "alice")
-    await db.execute("""INSERT INTO memberships (user_id, group_id, source)
-                        SELECT u.id, g.id, 'manual' FROM users u, groups g WHERE g.name = 'ops'""")
+    await add_manual_membership(db, "ops")
     gw.fake.remove_member("alice", "acme")
     await sign_in(gw, "alice")
     assert await groups_of(db, "alice") == {"gateway-users": "default", "ops": "manual"}
@@ -340,8 +344,7 @@ async def test_sync_off_leaves_memberships(gateway_factory: Any, db: asyncpg.Poo
     await add_local_groups(db, "acme", "ops")
     await sign_in(gw, "alice")
     assert await groups_of(db, "alice") == {"gateway-users": "default"}
-    await db.execute("""INSERT INTO memberships (user_id, group_id, source)
-                        SELECT u.id, g.id, 'manual' FROM users u, groups g WHERE g.name = 'ops'""")
+    await add_manual_membership(db, "ops")
     await sign_in(gw, "alice")
     assert await groups_of(db, "alice") == {"gateway-users": "default", "ops": "manual"}
     assert not any("/api/v4/groups" in p for _, p in gw.fake.requests)  # not even fetched
