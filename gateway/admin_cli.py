@@ -94,6 +94,14 @@ async def _all(fetch: Callable[[str | None], Awaitable[paging.Page[T]]]) -> list
 
 # ---- output ---------------------------------------------------------------------------------------------
 
+def _report(args: argparse.Namespace, shape: object, sentence: str) -> None:
+    """The result of a change: its API shape with --json (for scripts), else one sentence (for people)."""
+    if args.json:
+        _print_json(shape)
+    else:
+        print(sentence)
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2))
 
@@ -133,19 +141,14 @@ async def groups_list(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
 
 async def groups_create(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     group = await groups.create_group(pool, args.name, args.description, actor=actor())
-    if args.json:
-        _print_json(shapes.group(group))
-    else:
-        print(f"created group {group.name} (id {group.id})")
+    _report(args, shapes.group(group), f"created group {group.name} (id {group.id})")
 
 
 async def groups_delete(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     group = await groups.find_group(pool, args.group)
     deleted = await groups.delete_group(pool, group.id, actor=actor())
-    if args.json:
-        _print_json(shapes.group(deleted))
-    else:
-        print(f"deleted group {deleted.name} (id {deleted.id}, {deleted.member_count} members)")
+    _report(args, shapes.group(deleted),
+            f"deleted group {deleted.name} (id {deleted.id}, {deleted.member_count} members)")
 
 
 async def groups_members(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
@@ -158,19 +161,13 @@ async def groups_members(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
 async def groups_add_member(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     group = await groups.find_group(pool, args.group)
     member = await groups.add_member(pool, group.id, args.login, actor=actor())
-    if args.json:
-        _print_json(shapes.member(member))
-    else:
-        print(f"added {member.login} to {group.name} ({member.source})")
+    _report(args, shapes.member(member), f"added {member.login} to {group.name} ({member.source})")
 
 
 async def groups_remove_member(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     group = await groups.find_group(pool, args.group)
     member = await groups.remove_member(pool, group.id, args.login, actor=actor())
-    if args.json:
-        _print_json(shapes.member(member))
-    else:
-        print(f"removed {member.login} from {group.name}")
+    _report(args, shapes.member(member), f"removed {member.login} from {group.name}")
 
 
 # ---- users ----------------------------------------------------------------------------------------------
@@ -241,10 +238,7 @@ async def sessions_list(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
 
 async def sessions_revoke(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     session = await sessions.revoke_session(pool, args.id, actor=actor())
-    if args.json:
-        _print_json(shapes.session(session))
-    else:
-        print(f"revoked session of {session.login}")
+    _report(args, shapes.session(session), f"revoked session of {session.login}")
 
 
 # ---- argparse -------------------------------------------------------------------------------------------

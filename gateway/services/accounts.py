@@ -26,7 +26,8 @@ MAX_FIELD = 255
 # GitLab usernames: letters, digits, '_', '.', '-'; not starting with '-' or '.', not ending with '.'.
 _LOGIN = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters have no place in names shown in tables and logs (also used by services.groups).
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ def check_email(email: str) -> str:
 
 
 def check_name(name: str) -> str:
-    if not name.strip() or len(name) > MAX_FIELD or _CONTROL.search(name):
+    if not name.strip() or len(name) > MAX_FIELD or CONTROL_CHARS.search(name):
         raise Unprocessable(f"A user's name must be 1 to {MAX_FIELD} printable characters")
     return name
 

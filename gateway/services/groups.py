@@ -31,13 +31,13 @@ from gateway.db.groups import Group
 from gateway.errors import Conflict, NotFound, Unprocessable
 from gateway.services import paging
 from gateway.services._db import transaction
+from gateway.services.accounts import CONTROL_CHARS
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 2000
 MAX_SEGMENTS = 21
 _PATH_CHARS = re.compile(r"[A-Za-z0-9_./-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9](?:[_.-]?[A-Za-z0-9])*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +62,7 @@ def check_name(name: str) -> str:
         raise Unprocessable(f"A group name must be at most {MAX_NAME} characters long")
     if name != name.strip():
         raise Unprocessable("A group name must not start or end with whitespace")
-    if _CONTROL.search(name):
+    if CONTROL_CHARS.search(name):
         raise Unprocessable("A group name must not contain control characters")
     if "/" in name or _PATH_CHARS.fullmatch(name):
         segments = name.split("/")
