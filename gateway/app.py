@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import asyncpg
 from aiohttp import web
 
-from gateway import auth_request, keys, login, logs
+from gateway import keys, logs
+from gateway.access.headers import HeaderPolicy
+from gateway.access.routes import RouteTable
 from gateway.config import Config, ConfigError
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import groups as db_groups
@@ -21,12 +23,11 @@ from gateway.db import migrate as db_migrate
 from gateway.db import sessions as db_sessions
 from gateway.db.server import create_pool
 from gateway.errors import GatewayError, Unauthenticated
-from gateway.gitlab import GitLabClient
-from gateway.headers import HeaderPolicy
 from gateway.metrics import Metrics
-from gateway.pages import NO_STORE, render
-from gateway.routes import RouteTable
-from gateway.sessions import SessionStore, running_listener
+from gateway.sessions.store import SessionStore, running_listener
+from gateway.sync.gitlab import GitLabClient
+from gateway.web import auth_request, login
+from gateway.web.pages import NO_STORE, render
 
 log = logging.getLogger("gateway.app")
 access_log = logging.getLogger("gateway.access")
@@ -152,7 +153,7 @@ def _base_app(cfg: Config, dsn: str, readiness: Readiness, metrics: Metrics) -> 
 def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = None,
                       metrics: Metrics | None = None) -> web.Application:
     """The public listener: {prefix}/* handlers and the catch-all proxy."""
-    from gateway import proxy  # the proxy pulls in the upstream client; keep import order one-way
+    from gateway.web import proxy  # the proxy pulls in the upstream client; keep import order one-way
 
     app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
     app[COUNT_REQUESTS] = True
@@ -232,7 +233,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
                      metrics: Metrics | None = None,
                      metrics_source: Callable[[], Metrics] | None = None) -> web.Application:
     """The admin listener: /healthz, /readyz, /metrics and the /api/v1 JSON API."""
-    from gateway import admin_api
+    from gateway.admin import api as admin_api
 
     app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
     app.middlewares.append(bearer_middleware)

@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway import demo  # type: ignore[attr-defined,unused-ignore]
+    from gateway.demo import demo
 
     code: int = demo.main(args)
     return code
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "run everything on this machine: embedded PostgreSQL, GitLab stand-in, whoami app")
     demo.add_argument("--port", type=int, default=4180, help="public port of the gateway (default 4180)")
     demo.add_argument("--state-dir", default=".gateway-demo", help="where the demo keeps its database")
-    from gateway import admin_cli
+    from gateway.admin import cli as admin_cli
 
     admin_cli.add_commands(sub, add)
     return parser

@@ -404,7 +404,7 @@ def _cookie_name(v: Any, path: str, p: _Problems) -> str | None:
 
 
 def _route_rules(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
-    from gateway.routes import (
+    from gateway.access.routes import (
         parse_rule,  # routes imports nothing from here; late import keeps config leaf-like
     )
 

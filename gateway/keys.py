@@ -9,13 +9,13 @@ import asyncpg
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from gateway.access.headers import HeaderPolicy
+    from gateway.access.routes import RouteTable
     from gateway.config import Config
-    from gateway.gitlab import GitLabClient
-    from gateway.headers import HeaderPolicy
     from gateway.identity import Anonymous, Identity
     from gateway.metrics import Metrics
-    from gateway.routes import RouteTable
-    from gateway.sessions import SessionStore
+    from gateway.sessions.store import SessionStore
+    from gateway.sync.gitlab import GitLabClient
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 DSN = web.AppKey("dsn", str)

@@ -27,8 +27,8 @@ from cryptography.fernet import Fernet
 from gateway.app import Readiness, create_admin_app, create_public_app
 from gateway.config import Config, build_config
 from gateway.db import migrate as db_migrate
-from gateway.fake_gitlab import FakeGitLab
-from gateway.fake_gitlab import create_app as create_fake_gitlab
+from gateway.demo.fake_gitlab import FakeGitLab
+from gateway.demo.fake_gitlab import create_app as create_fake_gitlab
 from gateway.metrics import Metrics
 
 TEMPLATE = "gateway_test_template"

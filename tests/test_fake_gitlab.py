@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.fake_gitlab import FakeGitLab, create_app, demo_seed, serve
+from gateway.demo.fake_gitlab import FakeGitLab, create_app, demo_seed, serve
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 

@@ -24,9 +24,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.config import ConfigError, GitLabConfig
+from gateway.demo.fake_gitlab import FakeGitLab, create_app
 from gateway.errors import GatewayError, GitLabUnavailable, InvalidState, SignInRefused
-from gateway.fake_gitlab import FakeGitLab, create_app
-from gateway.gitlab import (
+from gateway.sync.gitlab import (
     GitLabClient,
     GitLabGroup,
     GitLabUser,

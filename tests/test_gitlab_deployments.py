@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.fake_gitlab import FakeGitLab, create_app
+from gateway.demo.fake_gitlab import FakeGitLab, create_app
 
 
 def _name(cn: str) -> x509.Name:

@@ -7,14 +7,14 @@ import ipaddress
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config import Config
-from gateway.headers import (
+from gateway.access.headers import (
     HOP_BY_HOP,
     HeaderPolicy,
     auth_response_headers,
     hop_by_hop_names,
     is_spoofed,
 )
+from gateway.config import Config
 from gateway.identity import ANONYMOUS, Anonymous, Identity
 
 ALICE = Identity(user_id=7, login="alice", email="alice@example.com", groups=("zeta", "gateway-users", "dev"))

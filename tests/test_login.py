@@ -278,7 +278,7 @@ def test_id_token_checks() -> None:
     import base64 as b64
 
     from gateway.errors import GatewayError
-    from gateway.login import check_id_token
+    from gateway.web.login import check_id_token
 
     def tok(**claims: Any) -> str:
         body = {"iss": "https://gl.example", "aud": "cid", "nonce": "n1", "exp": int(time.time()) + 60, **claims}

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from gateway.redirects import MAX_LENGTH, safe_redirect
+from gateway.access.redirects import MAX_LENGTH, safe_redirect
 
 OWN = "tool.example.com"
 CORPUS_SIZE = 559

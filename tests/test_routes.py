@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.routes import RouteTable, normalized_path, parse_rule
+from gateway.access.routes import RouteTable, normalized_path, parse_rule
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import asyncpg
 from gateway import keys
 from gateway.db import notify as db_notify
 from gateway.services import accounts
-from gateway.sessions import cookie_value
+from gateway.sessions.store import cookie_value
 
 
 async def userinfo(http: aiohttp.ClientSession, base: str, cookie: str) -> int:

@@ -17,7 +17,7 @@ import pytest
 from conftest import ADMIN_TOKEN, CLIENT_ID, CLIENT_SECRET, Browser
 
 from gateway.config import Config, load_config
-from gateway.fake_gitlab import FakeGitLab
+from gateway.demo.fake_gitlab import FakeGitLab
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0

@@ -16,8 +16,8 @@ from aiohttp import web
 from gateway import keys
 from gateway.app import ADMIN_ACTOR
 from gateway.errors import BadRequest, NotFound, Unprocessable
-from gateway.pages import NO_STORE
 from gateway.services import accounts, audit, groups, sessions, shapes
+from gateway.web.pages import NO_STORE
 
 API = "/api/v1"
 MAX_ID_DIGITS = 18  # bigint ids; a longer number cannot name a row

@@ -9,7 +9,7 @@ from aiohttp import web
 from gateway import keys
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.identity import Identity
-from gateway.pages import NO_STORE
+from gateway.web.pages import NO_STORE
 
 
 async def _identity(request: web.Request) -> Identity:

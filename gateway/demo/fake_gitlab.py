@@ -20,7 +20,7 @@ Demo users seeded by `demo_seed` (sign in as any of them on /users/sign_in, no p
 - carol: maintainer of `other-org` only: outside an allowed group "acme".
 - dave:  developer of `acme` but his account is `blocked`: GitLab answers 403 for his tokens.
 
-Run it alone with `python -m gateway.fake_gitlab --listen 127.0.0.1:8929`.
+Run it alone with `python -m gateway.demo.fake_gitlab --listen 127.0.0.1:8929`.
 """
 
 from __future__ import annotations
@@ -1434,7 +1434,7 @@ async def _run_forever(fake: FakeGitLab, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the demo-seeded stand-in until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m gateway.fake_gitlab", description="GitLab stand-in")
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.fake_gitlab", description="GitLab stand-in")
     parser.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 8929), help="HOST:PORT")
     parser.add_argument("--client-id", default="gateway-demo")
     parser.add_argument("--client-secret", default="gateway-demo-secret")

@@ -24,9 +24,9 @@ from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
 from gateway.errors import DatabaseUnavailable, SignInRefused
-from gateway.gitlab import GitLabGroup, GitLabUser
 from gateway.identity import Identity
-from gateway.sessions import new_session_id
+from gateway.sessions.store import new_session_id
+from gateway.sync.gitlab import GitLabGroup, GitLabUser
 
 log = logging.getLogger("gateway.provisioning")
 

@@ -19,7 +19,7 @@ import string
 from collections.abc import Sequence
 from urllib.parse import unquote
 
-from gateway.routes import normalized_path
+from gateway.access.routes import normalized_path
 
 MAX_LENGTH = 2048
 FALLBACK = "/"

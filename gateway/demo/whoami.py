@@ -1,7 +1,7 @@
 """The demo's "tool": a tiny upstream that shows the identity headers the gateway sent it, and every other
 request header, so `gateway demo` users can see exactly what an application behind the gateway receives.
 
-Run it alone with `python -m gateway.whoami --listen 127.0.0.1:8080`.
+Run it alone with `python -m gateway.demo.whoami --listen 127.0.0.1:8080`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ async def _run_forever(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve whoami until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m gateway.whoami", description="shows the headers it gets")
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo.whoami", description="shows the headers it gets")
     parser.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT (default 127.0.0.1:8080)")
     args = parser.parse_args(argv)
     host, _, port = str(args.listen).rpartition(":")

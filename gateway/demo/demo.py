@@ -29,11 +29,11 @@ import asyncpg
 from aiohttp import web
 from cryptography.fernet import Fernet
 
-from gateway import fake_gitlab, whoami
 from gateway.app import Readiness, create_admin_app, create_public_app
 from gateway.config import Config, DatabaseConfig, build_config
 from gateway.db import migrate as db_migrate
 from gateway.db.server import resolve_dsn
+from gateway.demo import fake_gitlab, whoami
 from gateway.errors import Conflict
 from gateway.metrics import Metrics
 from gateway.services import groups as groups_service

@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp_session import Session
 from cryptography.fernet import InvalidToken
 
-from gateway import keys, provisioning
+from gateway import keys
+from gateway.access.redirects import safe_redirect
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import audit as db_audit
 from gateway.errors import (
@@ -29,10 +30,10 @@ from gateway.errors import (
     InvalidState,
     SignInRefused,
 )
-from gateway.gitlab import pkce_pair, random_token
-from gateway.pages import redirect
-from gateway.redirects import safe_redirect
-from gateway.sessions import SessionStore
+from gateway.sessions.store import SessionStore
+from gateway.sync import provisioning
+from gateway.sync.gitlab import pkce_pair, random_token
+from gateway.web.pages import redirect
 
 log = logging.getLogger("gateway.login")
 

@@ -46,15 +46,15 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import keys
+from gateway.access.headers import HeaderPolicy
+from gateway.access.routes import RouteTable
 from gateway.config import Config
 from gateway.errors import BadRequest, Unauthenticated, UpstreamError, UpstreamTimeout
-from gateway.headers import HeaderPolicy
 from gateway.identity import Anonymous, Identity
-from gateway.login import start_url
 from gateway.metrics import Metrics
-from gateway.pages import NO_STORE, redirect, wants_html
-from gateway.routes import RouteTable
-from gateway.sessions import SessionStore
+from gateway.sessions.store import SessionStore
+from gateway.web.login import start_url
+from gateway.web.pages import NO_STORE, redirect, wants_html
 
 log = logging.getLogger("gateway.proxy")
 

@@ -1,0 +1,1 @@
+"""Cookie codec, the per-process identity cache and its NOTIFY invalidation."""

@@ -1,0 +1,1 @@
+"""Public-listener handlers: sign-in, the proxy, auth_request, pages."""
