@@ -48,6 +48,13 @@ class ServerConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     allowed_redirect_domains: tuple[str, ...] = ()
     workers: int = 1
+    # SPEC §16: a connection must deliver a request's headers within header_timeout, may sit idle between
+    # requests for idle_timeout, and each process serves at most max_connections at once.
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    max_connections: int = 10000
+    # SIGTERM: how long in-flight requests may take to finish, one bound for the whole shutdown.
+    shutdown_grace: float = 30.0
 
     @property
     def public_host(self) -> str:
@@ -433,6 +440,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
     "server": (ServerConfig, {
         "listen": _listen, "public_url": _http_url(allow_path=False), "prefix": _prefix,
         "trusted_proxies": _networks, "allowed_redirect_domains": _domains, "workers": _int(0, 256),
+        "header_timeout": _duration, "idle_timeout": _duration, "max_connections": _int(1, 1_000_000),
+        "shutdown_grace": _duration,
     }),
     "admin": (AdminConfig, {"listen": _listen, "tokens": _tokens}),
     "upstream": (UpstreamConfig, {

@@ -1,5 +1,5 @@
 """`gateway run`: resolve the database, apply migrations, serve the public and admin listeners until
-SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (up to SHUTDOWN_GRACE seconds).
+SIGTERM/SIGINT, then stop accepting and let in-flight requests finish (up to `server.shutdown_grace`).
 
 With `server.workers` 1 everything runs in this process. With more (0 = one per CPU), this process keeps the
 database set-up and the admin listener and runs the public listener in worker processes (workers.py).
@@ -19,12 +19,16 @@ from gateway.app import Readiness, create_admin_app, create_public_app
 from gateway.config import Config, Listen
 from gateway.db import migrate as db_migrate
 from gateway.db.server import describe, resolve_dsn
-from gateway.errors import DatabaseUnavailable, GatewayError
+from gateway.errors import DatabaseUnavailable
+from gateway.listener import Limits, Listener
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.server")
 
-SHUTDOWN_GRACE = 30.0
+# After the grace: what cancelling the requests left and closing the app's resources may take at most (the
+# pool and the LISTEN connection close with their own bounds, see app.py and sessions/store.py). A service
+# manager's stop timeout must exceed shutdown_grace + STOP_MARGIN (deploy/systemd, deploy/kubernetes).
+STOP_MARGIN = 10.0
 
 
 async def connect(dsn: str) -> asyncpg.Connection:
@@ -51,23 +55,31 @@ async def prepare_database(cfg: Config, *, apply_migrations: bool) -> str:
     return dsn
 
 
-def public_runner(app: web.Application) -> web.AppRunner:
+def public_runner(app: web.Application, cfg: Config) -> web.AppRunner:
     """The public listener's runner: a client that goes away cancels its handler (and so the upstream
-    request); shutdown waits for in-flight requests up to SHUTDOWN_GRACE."""
-    return web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE,
+    request); shutdown lets in-flight requests finish within `server.shutdown_grace` (see listener.py)."""
+    return web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace,
                          handler_cancellation=True)
 
 
-async def start_site(runner: web.AppRunner, listen: Listen, *, what: str, reuse_port: bool = False
-                     ) -> web.TCPSite:
-    """Listen, or a GatewayError naming the address and what to check."""
-    site = web.TCPSite(runner, listen.host, listen.port, reuse_port=reuse_port or None)
-    try:
-        await site.start()
-    except OSError as exc:
-        raise GatewayError(f"cannot listen on {listen} ({what}): {exc.strerror or exc}; is another process "
-                           f"using the port? Check {what}.") from None
-    return site
+def limits(cfg: Config) -> Limits:
+    return Limits(header_timeout=cfg.server.header_timeout, idle_timeout=cfg.server.idle_timeout,
+                  max_connections=cfg.server.max_connections)
+
+
+async def start_site(runner: web.AppRunner, listen: Listen, cfg: Config, *, what: str,
+                     reuse_port: bool = False) -> Listener:
+    """Listen (with the `server` connection limits), or a GatewayError naming the address and what to check."""
+    listener = Listener(runner, listen, limits(cfg), what=what, reuse_port=reuse_port)
+    await listener.start()
+    return listener
+
+
+async def stop_site(runner: web.AppRunner, listener: Listener | None) -> None:
+    """Stop accepting, let in-flight requests finish within the runner's grace, then close the app."""
+    if listener is not None:
+        listener.close()
+    await runner.cleanup()
 
 
 def worker_count(cfg: Config) -> int:
@@ -97,20 +109,23 @@ async def serve(cfg: Config, *, apply_migrations: bool = True, stop: asyncio.Eve
 
 async def _serve_one_process(cfg: Config, dsn: str, stop: asyncio.Event) -> None:
     readiness, metrics = Readiness(), Metrics()
-    public = public_runner(create_public_app(cfg, dsn, readiness=readiness, metrics=metrics))
+    public = public_runner(create_public_app(cfg, dsn, readiness=readiness, metrics=metrics), cfg)
     admin = web.AppRunner(create_admin_app(cfg, dsn, readiness=readiness, metrics=metrics),
-                          access_log=None, handle_signals=False)
+                          access_log=None, handle_signals=False, shutdown_timeout=cfg.server.shutdown_grace)
     await public.setup()
     await admin.setup()
+    public_site = admin_site = None
     try:
-        await start_site(public, cfg.server.listen, what="server.listen")
-        await start_site(admin, cfg.admin.listen, what="admin.listen")
+        public_site = await start_site(public, cfg.server.listen, cfg, what="server.listen")
+        admin_site = await start_site(admin, cfg.admin.listen, cfg, what="admin.listen")
         readiness.public_serving = True
         log.info("serving", extra={"public": str(cfg.server.listen), "admin": str(cfg.admin.listen),
                                    "public_url": cfg.server.public_url, "upstream": cfg.upstream.url})
         await stop.wait()
-        log.info("shutting down: finishing in-flight requests")
+        log.info("shutting down: finishing in-flight requests", extra={"grace_s": cfg.server.shutdown_grace})
     finally:
         readiness.public_serving = False
-        await admin.cleanup()
-        await public.cleanup()
+        if admin_site is not None:
+            admin_site.close()
+        await stop_site(public, public_site)
+        await stop_site(admin, None)

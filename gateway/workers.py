@@ -11,7 +11,7 @@ The main process (server.serve) has already resolved the database and applied mi
 - restarts a worker that dies (after a pause that grows while it keeps dying); a worker that cannot even
   listen (port taken) stops the whole gateway with that reason;
 - on SIGTERM/SIGINT, sends SIGTERM to every worker: each stops accepting, finishes its in-flight requests (up
-  to SHUTDOWN_GRACE) and exits; then the main process closes the admin listener and returns.
+  to server.shutdown_grace) and exits; then the main process closes the admin listener and returns.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def worker_main(cfg: Config, dsn: str, index: int, conn: Connection) -> None:
 
 
 async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
-    from gateway.server import public_runner, start_site
+    from gateway.server import public_runner, start_site, stop_site
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -71,7 +71,8 @@ async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
     metrics = Metrics()
-    runner = public_runner(create_public_app(cfg, dsn, metrics=metrics))
+    runner = public_runner(create_public_app(cfg, dsn, metrics=metrics), cfg)
+    site = None
 
     def send(message: tuple[Any, ...]) -> bool:
         try:
@@ -82,7 +83,7 @@ async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
 
     try:
         await runner.setup()
-        await start_site(runner, cfg.server.listen, what="server.listen", reuse_port=True)
+        site = await start_site(runner, cfg.server.listen, cfg, what="server.listen", reuse_port=True)
     except GatewayError as err:
         send(("failed", err.message))
         await runner.cleanup()
@@ -96,7 +97,7 @@ async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
                 log.warning("main process gone: worker stopping", extra={"worker": index})
                 break
     finally:
-        await runner.cleanup()  # stops accepting, then waits for in-flight requests (SHUTDOWN_GRACE)
+        await stop_site(runner, site)  # stops accepting, then waits for in-flight requests (shutdown_grace)
         send(("metrics", metrics.snapshot()))
     return 0
 
@@ -256,7 +257,7 @@ class Supervisor:
 
 async def serve_workers(cfg: Config, dsn: str, count: int, stop: asyncio.Event) -> None:
     """Run `count` public workers and the admin listener until `stop` is set."""
-    from gateway.server import SHUTDOWN_GRACE, start_site
+    from gateway.server import STOP_MARGIN, start_site
 
     readiness, metrics = Readiness(), Metrics()
     supervisor = Supervisor(cfg, dsn, count, readiness, metrics)
@@ -264,8 +265,9 @@ async def serve_workers(cfg: Config, dsn: str, count: int, stop: asyncio.Event) 
                                            metrics_source=supervisor.merged_metrics),
                           access_log=None, handle_signals=False)
     await admin.setup()
+    site = None
     try:
-        await start_site(admin, cfg.admin.listen, what="admin.listen")
+        site = await start_site(admin, cfg.admin.listen, cfg, what="admin.listen")
         supervisor.start_all()
         log.info("serving", extra={"public": str(cfg.server.listen), "admin": str(cfg.admin.listen),
                                    "workers": count, "public_url": cfg.server.public_url,
@@ -277,7 +279,9 @@ async def serve_workers(cfg: Config, dsn: str, count: int, stop: asyncio.Event) 
         failed.cancel()
         log.info("shutting down: workers finish their in-flight requests")
     finally:
-        await supervisor.stop_all(SHUTDOWN_GRACE + 5)
+        await supervisor.stop_all(cfg.server.shutdown_grace + STOP_MARGIN)
+        if site is not None:
+            site.close()
         await admin.cleanup()
     if supervisor.failure is not None:
         raise GatewayError(supervisor.failure)
