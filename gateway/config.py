@@ -19,6 +19,14 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 from cryptography.fernet import Fernet
 
+from gateway.config_access import (
+    PolicyRuleConfig,
+    UpstreamRoute,
+    parse_assertion_keys,
+    read_access_sections,
+    read_assertion_key_files,
+)
+
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -136,6 +144,8 @@ class HeadersConfig:
     email: str = "X-Forwarded-Email"
     preferred_username: str = "X-Forwarded-Preferred-Username"
     groups: str = "X-Forwarded-Groups"
+    assertion: str | None = None  # SPEC §13: the signed identity header; None = off
+    assertion_keys: tuple[str, ...] = field(default=(), repr=False)  # PEM; the first signs
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +166,19 @@ class Config:
     routes: RoutesConfig = RoutesConfig()
     headers: HeadersConfig = HeadersConfig()
     log: LogConfig = LogConfig()
+    upstreams: tuple[UpstreamRoute, ...] = ()  # SPEC §13; empty = the single `upstream:` for everything
+    policy: tuple[PolicyRuleConfig, ...] = ()
+
+    @property
+    def routing(self) -> tuple[UpstreamRoute, ...]:
+        """Where requests go: `upstreams:` in order, or `upstream:` for every host and path."""
+        return self.upstreams or (UpstreamRoute(self.upstream),)
+
+    @property
+    def redirect_domains(self) -> tuple[str, ...]:
+        """Hosts a redirect may go to besides our own: allowed_redirect_domains and every upstream host."""
+        hosts = tuple(r.host for r in self.upstreams if r.host and r.host not in self.server.allowed_redirect_domains)
+        return self.server.allowed_redirect_domains + hosts
 
     @property
     def cookie_secure(self) -> bool:
@@ -467,9 +490,14 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
     "routes": (RoutesConfig, {"public": _route_rules, "api": _route_rules}),
     "headers": (HeadersConfig, {
         "user": _header_name, "email": _header_name, "preferred_username": _header_name, "groups": _header_name,
+        "assertion": lambda v, path, p: None if v is None else _header_name(v, path, p),
+        "assertion_keys": parse_assertion_keys,
     }),
     "log": (LogConfig, {"level": _choice("debug", "info", "warning", "error"), "format": _choice("json", "text")}),
 }
+
+# Sections that are lists (SPEC §13), read by config_access.
+_LIST_SECTIONS = ("upstreams", "policy")
 
 # Secrets that may instead be read from a file (`client_secret_file: /run/secrets/x`): one value, or one per
 # line for the list-valued ones.
@@ -556,8 +584,9 @@ def build_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     sections: dict[str, Any] = {}
     raw_scopes: Any = None
     for name in data:
-        if name not in _SCHEMA:
-            p.add(str(name), f"unknown section (known: {', '.join(_SCHEMA)})")
+        if name not in _SCHEMA and name not in _LIST_SECTIONS:
+            p.add(str(name), f"unknown section (known: {', '.join([*_SCHEMA, *_LIST_SECTIONS])})")
+    read_assertion_key_files(data.get("headers"), p)
     for name, (cls, fields) in _SCHEMA.items():
         raw = data.get(name) or {}
         if not isinstance(raw, dict):
@@ -585,7 +614,10 @@ def build_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         if name == "session" and "samesite" in values:
             values["samesite"] = values["samesite"].capitalize()
         sections[name] = cls(**values)
-    cfg = Config(**sections)
+    upstreams, policy = read_access_sections(data, "upstream" in data, p)
+    if upstreams:
+        sections["upstream"] = upstreams[0].upstream  # what one-upstream code paths (logs, demo) show
+    cfg = Config(**sections, upstreams=upstreams, policy=policy)
     need_groups = cfg.provisioning.sync_groups or bool(cfg.provisioning.allowed_groups)
     scopes = _scopes(raw_scopes, cfg.gitlab.groups_source, need_groups, p)
     cfg = _replace(cfg, "gitlab", scopes=scopes)
@@ -624,6 +656,12 @@ def _cross_checks(cfg: Config, data: dict[str, Any], p: _Problems) -> None:
     headers = [cfg.headers.user, cfg.headers.email, cfg.headers.preferred_username, cfg.headers.groups]
     if len({h.lower() for h in headers}) != len(headers):
         p.add("headers", "the four identity header names must differ")
+    if cfg.headers.assertion is not None:
+        if cfg.headers.assertion.lower() in {h.lower() for h in headers}:
+            p.add("headers.assertion", "must differ from the other identity header names")
+        if not cfg.headers.assertion_keys and not p.reported("headers.assertion_keys"):
+            p.add("headers.assertion_keys", "needs at least one PEM private key (ES256 or Ed25519) to sign "
+                  "with, or headers.assertion_keys_file")
 
 
 def default_config_path() -> Path:

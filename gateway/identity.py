@@ -16,6 +16,8 @@ class Identity:
     login: str
     email: str
     groups: tuple[str, ...]
+    gitlab_id: int | None = None  # the assertion's `sub` (SPEC §13)
+    sid_hash: str = ""  # the assertion's `sid`: a hash of the session id, set by the session cache
     # Precomputed once per session-cache entry: the proxy sends it on every request (SPEC §4).
     groups_csv: str = field(init=False, repr=False, compare=False)
 

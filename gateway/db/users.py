@@ -62,7 +62,7 @@ IDENTITY_FOR_SESSION = """
 UPDATE sessions s SET last_seen_at = now()
 FROM users u
 WHERE s.id = $1 AND u.id = s.user_id AND s.revoked_at IS NULL AND s.expires_at > now() AND u.active
-RETURNING u.id, u.login, u.email, EXTRACT(EPOCH FROM s.expires_at)::float8 AS expires_at,
+RETURNING u.id, u.gitlab_id, u.login, u.email, EXTRACT(EPOCH FROM s.expires_at)::float8 AS expires_at,
   ARRAY(SELECT g.name FROM memberships m JOIN groups g ON g.id = m.group_id
         WHERE m.user_id = u.id ORDER BY g.name COLLATE "C") AS groups"""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
+from gateway.access.assertion import session_hash
 from gateway.config import Config
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import notify as db_notify
@@ -169,7 +171,8 @@ class SessionStore:
         except DB_UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"session look-up failed: {type(exc).__name__}") from None
         identity = None if row is None else Identity(
-            user_id=row["id"], login=row["login"], email=row["email"], groups=tuple(row["groups"]))
+            user_id=row["id"], login=row["login"], email=row["email"], groups=tuple(row["groups"]),
+            gitlab_id=row["gitlab_id"])
         if generation == self._generation:
             self._store(sid, identity, now, row["expires_at"] if row else time.time() + NEGATIVE_TTL)
         return identity
@@ -190,6 +193,8 @@ class SessionStore:
         self._store(sid, identity, self._clock(), expires_at)
 
     def _store(self, sid: str, identity: Identity | None, fetched: float, expires: float) -> None:
+        if identity is not None and not identity.sid_hash:
+            identity = dataclasses.replace(identity, sid_hash=session_hash(sid))
         old = self._cache.pop(sid, None)
         if old is not None and old.identity is not None:
             self._by_user.get(old.identity.user_id, set()).discard(sid)

@@ -170,7 +170,8 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
     await db_audit.record(conn, ACTOR, "sign_in", user.login, gitlab_id=gl.id, added=added, removed=removed,
                           synced=cfg.sync_groups)
     names = sorted(m.name for m in await db_users.memberships(conn, user.id))
-    identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=tuple(names))
+    identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=tuple(names),
+                        gitlab_id=user.gitlab_id)
     sid = new_session_id()
     expires = await db_sessions.insert(conn, sid, user.id, lifetime=session.lifetime,
                                        user_agent=session.user_agent, client_ip=session.client_ip)
