@@ -26,7 +26,7 @@ from gateway.errors import GatewayError, Unauthenticated
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore, running_listener
 from gateway.sync.gitlab import GitLabClient
-from gateway.web import auth_request, login
+from gateway.web import access, auth_request, login
 from gateway.web.pages import NO_STORE, render
 
 log = logging.getLogger("gateway.app")
@@ -159,6 +159,8 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app[COUNT_REQUESTS] = True
     app[keys.HEADER_POLICY] = HeaderPolicy.from_config(cfg)
     app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
+    app[keys.ACCESS] = access.Access.from_config(cfg, app[keys.HEADER_POLICY])
+    app[access.SIGNER] = app[keys.ACCESS].signer
     app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, proxy.upstream_ctx])
     p = cfg.server.prefix
     app.router.add_get(f"{p}/start", login.start)
@@ -167,6 +169,7 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app.router.add_route("POST", f"{p}/sign_out", login.sign_out)
     app.router.add_get(f"{p}/auth", auth_request.auth)
     app.router.add_get(f"{p}/userinfo", auth_request.userinfo)
+    app.router.add_get(f"{p}/jwks.json", access.jwks)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -243,5 +246,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app[access.SIGNER] = access.Access.from_config(cfg, HeaderPolicy.from_config(cfg)).signer
+    app.router.add_get("/jwks.json", access.jwks)
     admin_api.add_routes(app)
     return app

@@ -18,6 +18,8 @@ for browsers or JSON for everything else, with the class's status. Nothing else 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GatewayError(Exception):
     """Base: carries an HTTP status, a machine code, a title and a sentence telling the user what to do."""
@@ -26,6 +28,8 @@ class GatewayError(Exception):
     code = "internal"
     title = "Something went wrong"
     advice = "Try again in a moment."
+    retry_label = "Try again"  # the text of the retry_url link
+    details: dict[str, Any] | None = None  # extra members of the JSON answer
 
     def __init__(self, message: str | None = None, *, code: str | None = None, advice: str | None = None,
                  retry_url: str | None = None) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.sessions.store import SessionStore
     from gateway.sync.gitlab import GitLabClient
+    from gateway.web.access import Access
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 DSN = web.AppKey("dsn", str)
@@ -26,6 +27,7 @@ UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
 HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")
 ROUTES: web.AppKey[RouteTable] = web.AppKey("routes")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+ACCESS: web.AppKey[Access] = web.AppKey("access")  # SPEC §13: policy, upstream routing, signer
 
 REQUEST_ID = web.RequestKey("request_id", str)
 IDENTITY: web.RequestKey[Identity | Anonymous] = web.RequestKey("identity")

@@ -158,6 +158,31 @@ async def upstream() -> AsyncIterator[str]:
     await server.close()
 
 
+_TOOL_NAME = web.AppKey("tool_name", str)
+
+
+async def _named_echo(request: web.Request) -> web.Response:
+    return web.json_response({"name": request.app[_TOOL_NAME], "method": request.method, "path": request.raw_path,
+                              "headers": [[k, v] for k, v in request.headers.items()]})
+
+
+@pytest.fixture
+async def tools() -> AsyncIterator[dict[str, str]]:
+    """Two echo upstreams that say which one answered (SPEC §13 routing): {"grafana": url, "docs": url}."""
+    servers, urls = [], {}
+    for name in ("grafana", "docs"):
+        app = web.Application()
+        app[_TOOL_NAME] = name
+        app.router.add_route("*", "/{tail:.*}", _named_echo)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        urls[name] = str(server.make_url("")).rstrip("/")
+    yield urls
+    for server in servers:
+        await server.close()
+
+
 def echoed_headers(payload: dict[str, Any]) -> dict[str, list[str]]:
     """Header name (lower-case) -> all values the echo upstream received."""
     out: dict[str, list[str]] = {}
@@ -180,7 +205,12 @@ def make_config(*, public_port: int, admin_port: int, gitlab_url: str, upstream_
         "log": {"level": "warning"},
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # upstreams, policy (SPEC §13): lists, set whole
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
+    if "upstreams" in sections:
+        del data["upstream"]
     return build_config(data, env={})
 
 

@@ -31,8 +31,10 @@ pytestmark = [
 
 
 @contextlib.contextmanager
-def run_nginx(server_conf: str, *, nginx_port: int, gateway: str, upstream: str) -> Iterator[str]:
-    """nginx in the foreground from a temporary prefix, with deploy/nginx/<server_conf> as its server."""
+def run_nginx(server_conf: str, *, nginx_port: int, gateway: str, upstream: str,
+              more: dict[str, str] | None = None) -> Iterator[str]:
+    """nginx in the foreground from a temporary prefix, with deploy/nginx/<server_conf> as its server;
+    `more` maps other literal addresses of that file to the ones to use."""
     assert NGINX is not None
     prefix = Path(tempfile.mkdtemp(prefix="gateway-nginx-test-"))
     prefix.chmod(0o755)  # started as root, nginx's workers run as nobody and must enter the prefix
@@ -42,10 +44,12 @@ def run_nginx(server_conf: str, *, nginx_port: int, gateway: str, upstream: str)
         shutil.copy(DEPLOY / "nginx.test.conf", prefix / "nginx.conf")
         shutil.copy(DEPLOY / "auth_request_cache.conf", prefix / "auth_request_cache.conf")
         text = (DEPLOY / server_conf).read_text()
-        for literal in ("127.0.0.1:4180", "127.0.0.1:8080", "listen 8000;"):
+        for literal in ("127.0.0.1:4180", "127.0.0.1:8080", "listen 8000;", *(more or {})):
             assert literal in text, f"{server_conf} no longer contains {literal!r}"
         text = (text.replace("127.0.0.1:4180", gateway).replace("127.0.0.1:8080", upstream)
                 .replace("listen 8000;", f"listen 127.0.0.1:{nginx_port};"))
+        for literal, address in (more or {}).items():
+            text = text.replace(literal, address)
         (prefix / "auth_request.conf").write_text(text)
         conf = ["-p", str(prefix), "-c", str(prefix / "nginx.conf")]
         check = subprocess.run([NGINX, "-t", *conf], capture_output=True, text=True, check=False)

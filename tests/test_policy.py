@@ -147,3 +147,12 @@ def test_review_of_overlap():
         rule("policy[2]", path="^/b", allowed_groups=("y",)),
     ])
     assert review(rules) == ["policy[1]: overlaps policy[0], which decides the requests both match"]
+
+
+def test_unknown_method_cannot_borrow_a_public_rule_for_another_method():
+    policy = Policy(compile_rules(policy=[rule("policy[0]", path="^/x", methods=("GET",), public=True),
+                                          rule("policy[1]", path="^/x", allowed_groups=("sre",))]))
+    assert policy.decide(None, None, "/x", BOB).outcome == "forbidden"
+    assert policy.decide(None, None, "/x", None).outcome == "sign_in"
+    assert policy.decide(None, None, "/x", ALICE).outcome == "allow"
+    assert policy.decide("GET", None, "/x", None).outcome == "allow"

@@ -112,6 +112,7 @@ class HeaderPolicy:
     groups: str = "X-Forwarded-Groups"
     cookie_prefix: str = "_gateway"
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    assertion: str | None = None  # SPEC §13's signed identity header: an identity header like the others
     identity_names: frozenset[str] = field(init=False, repr=False)
     _kind_of: Callable[[str], _Kind] = field(init=False, repr=False, compare=False)
     _trusted_ip: Callable[[str], bool] = field(init=False, repr=False, compare=False)
@@ -119,7 +120,8 @@ class HeaderPolicy:
     def __post_init__(self) -> None:
         if not self.cookie_prefix:
             raise ValueError("cookie_prefix must not be empty: every cookie would be stripped")
-        names = frozenset(spoof_key(n) for n in (self.user, self.email, self.preferred_username, self.groups))
+        names = frozenset(spoof_key(n) for n in (self.user, self.email, self.preferred_username, self.groups,
+                                                 *([self.assertion] if self.assertion else [])))
         object.__setattr__(self, "identity_names", names)
         object.__setattr__(self, "_kind_of", lru_cache(maxsize=_CACHE_SIZE)(self._classify))
         object.__setattr__(self, "_trusted_ip", lru_cache(maxsize=_CACHE_SIZE)(self._parse_and_trust))
@@ -129,7 +131,7 @@ class HeaderPolicy:
         """Policy for `headers.*`, `session.cookie_name` and `server.trusted_proxies`."""
         h = config.headers
         return cls(h.user, h.email, h.preferred_username, h.groups,
-                   config.session.cookie_name, tuple(config.server.trusted_proxies))
+                   config.session.cookie_name, tuple(config.server.trusted_proxies), h.assertion)
 
     auth_response_headers = staticmethod(auth_response_headers)
 

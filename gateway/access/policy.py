@@ -77,9 +77,9 @@ class Rule:
         """True when only some signed-in users pass."""
         return self.groups is not None or self.users is not None
 
-    def fits(self, method: str, host: str | None, path: str | None) -> bool:
-        """True when this request matches; `path` None = unknown (fits any path condition)."""
-        if self.methods is not None and method not in self.methods:
+    def fits(self, method: str | None, host: str | None, path: str | None) -> bool:
+        """True when this request matches; `method` or `path` None = unknown (fits any condition on it)."""
+        if self.methods is not None and method is not None and method not in self.methods:
             return False
         if self.host is not None and not host_matches(self.host, host):
             return False
@@ -134,13 +134,14 @@ class Policy:
     def empty(self) -> bool:
         return not self.rules
 
-    def decide(self, method: str, host: str | None, raw_path: str | None,
+    def decide(self, method: str | None, host: str | None, raw_path: str | None,
                identity: Identity | None) -> Decision:
-        """allow / sign_in / forbidden for this request; `raw_path` as sent (None = unknown), `host` canonical."""
+        """allow / sign_in / forbidden for this request; `raw_path` as sent, `host` canonical; `method` or
+        `raw_path` None = unknown (auth_request without trusted facts): the strictest reading counts."""
         if not self.rules:
             return ALLOW if identity is not None else SIGN_IN
-        if raw_path is None:
-            resolution = self._resolve_unknown(method, host)
+        if raw_path is None or method is None:
+            resolution = self._resolve_unknown(method, host, raw_path)
         else:
             path = raw_path.partition("?")[0]
             resolution = self._cached(method, host, path) if len(path) <= _MAX_CACHED_PATH else \
@@ -178,10 +179,18 @@ class Policy:
         api = any(r.fits(method, host, f) for r in self._api for f in (*forms, normal) if f is not None)
         return deciders, False, api
 
-    def _resolve_unknown(self, method: str, host: str | None) -> _Resolution:
-        # Every non-public rule that fits by method and host may be the one deciding: all must admit.
-        deciders = tuple(r for r in self._deciding if not r.public and r.fits(method, host, None))
-        return (*deciders, None), False, any(r.fits(method, host, None) for r in self._api)
+    def _resolve_unknown(self, method: str | None, host: str | None, raw_path: str | None) -> _Resolution:
+        # Every non-public rule that fits what is known may be the one deciding: all must admit.
+        if raw_path is None:
+            forms: tuple[str | None, ...] = (None,)
+        else:
+            path = raw_path.partition("?")[0]
+            forms = (normalized_path(path), *readings(path))
+        deciders = tuple(r for r in self._deciding
+                         if not r.public and any(r.fits(method, host, f) for f in forms if f is not None or
+                                                 raw_path is None))
+        api = any(r.fits(method, host, f) for r in self._api for f in forms if f is not None or raw_path is None)
+        return (*deciders, None), False, api
 
 
 def readings(path: str) -> tuple[str, ...]:

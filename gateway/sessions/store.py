@@ -172,7 +172,7 @@ class SessionStore:
             raise DatabaseUnavailable(f"session look-up failed: {type(exc).__name__}") from None
         identity = None if row is None else Identity(
             user_id=row["id"], login=row["login"], email=row["email"], groups=tuple(row["groups"]),
-            gitlab_id=row["gitlab_id"])
+            gitlab_id=row["gitlab_id"], sid_hash=session_hash(sid))
         if generation == self._generation:
             self._store(sid, identity, now, row["expires_at"] if row else time.time() + NEGATIVE_TTL)
         return identity
@@ -193,7 +193,7 @@ class SessionStore:
         self._store(sid, identity, self._clock(), expires_at)
 
     def _store(self, sid: str, identity: Identity | None, fetched: float, expires: float) -> None:
-        if identity is not None and not identity.sid_hash:
+        if identity is not None and not identity.sid_hash:  # primed at sign-in (remember)
             identity = dataclasses.replace(identity, sid_hash=session_hash(sid))
         old = self._cache.pop(sid, None)
         if old is not None and old.identity is not None:

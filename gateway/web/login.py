@@ -48,7 +48,7 @@ def _state_cookie_name(store: SessionStore, state: str) -> str:
 def _safe_rd(request: web.Request) -> str:
     cfg = request.app[keys.CONFIG]
     return safe_redirect(request.query.get("rd"), own_host=cfg.server.public_host,
-                         allowed_domains=cfg.server.allowed_redirect_domains)
+                         allowed_domains=cfg.redirect_domains)  # with every upstream host (SPEC §13)
 
 
 def start_url(prefix: str, rd: str) -> str:

@@ -36,12 +36,13 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
     if err.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
     if json_only or not wants_html(request):
-        body = {"error": err.code, "message": err.message}
+        body = {"error": err.code, "message": err.message, **(err.details or {})}
         return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
                             headers=headers)
     link = ""
     if err.retry_url:
-        link = f'<p><a class="button" id="retry" href="{html.escape(err.retry_url)}">Try again</a></p>'
+        link = (f'<p><a class="button" id="retry" href="{html.escape(err.retry_url)}">'
+                f'{html.escape(err.retry_label)}</a></p>')
     page = _PAGE.format(
         title=html.escape(err.title), message=html.escape(err.message), advice=html.escape(err.advice),
         link=link, status=err.status, code=html.escape(err.code),

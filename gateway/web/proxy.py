@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -47,14 +46,14 @@ from yarl import URL
 
 from gateway import keys
 from gateway.access.headers import HeaderPolicy
-from gateway.access.routes import RouteTable
-from gateway.config import Config
-from gateway.errors import BadRequest, Unauthenticated, UpstreamError, UpstreamTimeout
+from gateway.access.upstreams import strip_path
+from gateway.config import UpstreamConfig
+from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.identity import Anonymous, Identity
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore
-from gateway.web.login import start_url
-from gateway.web.pages import NO_STORE, redirect, wants_html
+from gateway.web.access import Access, refuse, unknown_host
+from gateway.web.pages import NO_STORE
 
 log = logging.getLogger("gateway.proxy")
 
@@ -80,7 +79,8 @@ _SENDABLE_CLOSE = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015)])
 
 @dataclass(frozen=True, slots=True)
 class Proxy:
-    """What the catch-all needs on every request, looked up once per app."""
+    """What the catch-all needs on every request, looked up once per app: one per upstream (SPEC §13), each
+    with its own connection pool."""
 
     http: aiohttp.ClientSession
     base: str  # upstream.url without a trailing slash; the client's raw path is appended as sent
@@ -90,84 +90,82 @@ class Proxy:
     websockets: bool
     prefix: str
     policy: HeaderPolicy
-    routes: RouteTable
+    access: Access
+    strip: str | None  # strip_prefix: the path prefix cut off before the request goes upstream
+    audience: str  # the assertion's aud: this upstream's url
     sessions: SessionStore
     metrics: Metrics
     deadlines: Deadlines
 
 
-# Not in keys.py: a private handle of this module (like app.READINESS), built from keys.* in upstream_ctx.
+# Not in keys.py: private handles of this module (like app.READINESS), built from keys.* in upstream_ctx.
+# PROXIES is in `upstreams:` order; PROXY is the first (the only one with a single `upstream:`).
 PROXY = web.AppKey("proxy", Proxy)
+PROXIES: web.AppKey[tuple[Proxy, ...]] = web.AppKey("proxies")
 
 
-def make_session(cfg: Config) -> aiohttp.ClientSession:
-    """The one upstream ClientSession: no cookie jar, no decompression, no redirects followed, no pool cap."""
+def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
+    """An upstream's ClientSession: no cookie jar, no decompression, no redirects followed, no pool cap."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
     # sock_connect, not connect: it costs a timer only when a connection is opened, not on every request
     # (with no pool limit, `connect` would only add the wait for a pooled connection, which never happens).
     return aiohttp.ClientSession(
         connector=connector, request_class=UpstreamRequest,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=cfg.upstream.connect_timeout),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG]
-    session = make_session(cfg)
-    app[keys.UPSTREAM_HTTP] = session
-    app[PROXY] = Proxy(
-        http=session, base=cfg.upstream.url.rstrip("/"), upstream_host=urlsplit(cfg.upstream.url).netloc,
-        timeout=cfg.upstream.timeout, pass_host_header=cfg.upstream.pass_host_header,
-        websockets=cfg.upstream.websockets, prefix=cfg.server.prefix, policy=app[keys.HEADER_POLICY],
-        routes=app[keys.ROUTES], sessions=app[keys.SESSIONS], metrics=app[keys.METRICS],
-        deadlines=Deadlines())
-    sweeper = asyncio.create_task(app[PROXY].deadlines.sweep())
+    access = app[keys.ACCESS]
+    deadlines = Deadlines()
+    proxies = []
+    for target in access.table.targets:
+        up = target.route.upstream
+        proxies.append(Proxy(
+            http=make_session(up), base=target.base, upstream_host=urlsplit(up.url).netloc,
+            timeout=up.timeout, pass_host_header=up.pass_host_header, websockets=up.websockets,
+            prefix=cfg.server.prefix, policy=app[keys.HEADER_POLICY], access=access, strip=target.strip,
+            audience=up.url, sessions=app[keys.SESSIONS], metrics=app[keys.METRICS], deadlines=deadlines))
+    app[keys.UPSTREAM_HTTP] = proxies[0].http
+    app[PROXY] = proxies[0]
+    app[PROXIES] = tuple(proxies)
+    sweeper = asyncio.create_task(deadlines.sweep())
     yield
     sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
-    await session.close()
+    for proxy in proxies:
+        await proxy.http.close()
 
 
 # ---- the handler ---------------------------------------------------------------------------------------
 
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every request that is not one of the gateway's own: authenticate, then relay to the upstream."""
-    proxy = request.app[PROXY]
+    proxies = request.app[PROXIES]
+    proxy = proxies[0]
     raw_path = request.raw_path
     if not raw_path.startswith("/"):
         # Absolute-form ("http://other/x") or "*": appended to upstream.url it would name another URL.
         raise BadRequest("The request target must be a path")
+    access = proxy.access
+    host = access.host_of(request)
+    target = access.table.select(host, raw_path)
+    if target is None:
+        raise unknown_host()  # never the first upstream: an unknown Host must not reach some tool
+    proxy = proxies[target.index]
     identity = await proxy.sessions.identify(request)
     request[keys.IDENTITY] = identity
-    if not identity.is_authenticated:
-        refusal = _refusal(proxy, request, raw_path)
-        if refusal is not None:
-            return refusal
+    decision = access.policy.decide(request.method, host, raw_path,
+                                    identity if isinstance(identity, Identity) else None)
+    if decision.outcome != "allow":
+        return refuse(access, request, decision, raw_path)
     upgrade = "Upgrade" in request.headers and _is_websocket_upgrade(request)
     if upgrade and proxy.websockets:
         return await _relay_websocket(proxy, request, identity)
     # A refused upgrade also loses its Sec-WebSocket-* headers: the upstream sees a plain GET.
     return await _relay_http(proxy, request, identity, strip_websocket=upgrade)
-
-
-def _refusal(proxy: Proxy, request: web.Request, raw_path: str) -> web.Response | None:
-    """None when an anonymous request may pass (a public route); else the sign-in redirect or the 401."""
-    kind = proxy.routes.classify(request.method, raw_path)
-    if kind == "public":
-        return None
-    if kind == "api":
-        return _unauthenticated_json()  # JSON even for a browser: routes.api is for programs (SPEC §4)
-    if wants_html(request):
-        return redirect(start_url(proxy.prefix, raw_path))
-    raise Unauthenticated()
-
-
-def _unauthenticated_json() -> web.Response:
-    err = Unauthenticated()
-    return web.Response(status=401, text=json.dumps({"error": err.code, "message": err.message}),
-                        content_type="application/json",
-                        headers={**NO_STORE, "WWW-Authenticate": 'Bearer realm="gateway"'})
 
 
 def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | Anonymous, *,
@@ -181,7 +179,14 @@ def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | A
     # aiohttp's server already answered "100 Continue" when the handler started reading; passed on, the
     # header would make the client library wait for a second 100 that an HTTP/1.0 upstream never sends.
     headers.popall("Expect", None)
+    access = proxy.access
+    if access.assertion_header is not None and access.signer is not None and isinstance(identity, Identity):
+        headers[access.assertion_header] = access.signer.token(identity, identity.sid_hash, proxy.audience)
     return headers
+
+
+def _target(proxy: Proxy, raw_path: str) -> URL:
+    return URL(proxy.base + (strip_path(proxy.strip, raw_path) if proxy.strip else raw_path), encoded=True)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------
@@ -282,7 +287,7 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
                       strip_websocket: bool = False) -> web.StreamResponse:
     incoming = request.headers
     headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
-    url = URL(proxy.base + request.raw_path, encoded=True)
+    url = _target(proxy, request.raw_path)
     method = request.method
     has_body = request.body_exists
     # aiohttp labels a body without Content-Type (and any POST/PUT/PATCH) application/octet-stream.
@@ -363,7 +368,7 @@ def _requested_subprotocols(request: web.Request) -> tuple[str, ...]:
 async def _relay_websocket(proxy: Proxy, request: web.Request,
                            identity: Identity | Anonymous) -> web.StreamResponse:
     headers = _upstream_headers(proxy, request, identity, websocket=True)
-    url = URL(proxy.base + request.raw_path, encoded=True)
+    url = _target(proxy, request.raw_path)
     loop = asyncio.get_running_loop()
     started = loop.time()
     timer = asyncio.timeout(proxy.timeout)
