@@ -31,6 +31,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"{args.config or default_config_path()}: ok (public {cfg.server.public_url}, "
           f"upstream {cfg.upstream.url}, gitlab {cfg.gitlab.url})")
+    from gateway.admin.policy_check import policy_warnings
+
+    for warning in policy_warnings(cfg):
+        print(f"warning: {warning}")
     return EXIT_OK
 
 

@@ -8,13 +8,15 @@ modules in gateway/access/ at start-up, which is where they are used.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from gateway.config import UpstreamConfig, _Problems
 
+T = TypeVar("T")
 HOST_PATTERN = re.compile(r"\.?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _METHOD = re.compile(r"[A-Z]+")
 _PREFIX = re.compile(r"/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]+/?)*")
@@ -105,6 +107,16 @@ def _check_keys(raw: dict[Any, Any], known: tuple[str, ...], where: str, p: _Pro
             p.add(f"{where}.{key}", _unknown_key(str(key), list(known)))
 
 
+def _entry(raw: Any, keys: tuple[str, ...], match_keys: tuple[str, ...], where: str, p: _Problems
+           ) -> dict[str, Any] | None:
+    """The `match` mapping of one list entry (empty = matches everything), or None when `raw` is unusable."""
+    if not isinstance(raw, dict):
+        p.add(where, f"must be a mapping with {', '.join(keys)}")
+        return None
+    _check_keys(raw, keys, where, p)
+    return _match(raw, match_keys, where, p)
+
+
 def _match(raw: dict[str, Any], known: tuple[str, ...], where: str, p: _Problems) -> dict[str, Any]:
     m = raw.get("match", {})
     if m is None:
@@ -119,11 +131,9 @@ def _match(raw: dict[str, Any], known: tuple[str, ...], where: str, p: _Problems
 def _upstream(raw: Any, where: str, p: _Problems) -> UpstreamRoute | None:
     from gateway.config import _SCHEMA, UpstreamConfig, _bool
 
-    if not isinstance(raw, dict):
-        p.add(where, "must be a mapping with match, url and upstream options")
+    m = _entry(raw, _UPSTREAM_KEYS, ("host", "path_prefix"), where, p)
+    if m is None:
         return None
-    _check_keys(raw, _UPSTREAM_KEYS, where, p)
-    m = _match(raw, ("host", "path_prefix"), where, p)
     host = parse_host(m["host"], f"{where}.match.host", p) if "host" in m else None
     prefix = m.get("path_prefix")
     if prefix is not None and (not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix)
@@ -158,11 +168,9 @@ def _names(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
 def _rule(raw: Any, where: str, p: _Problems) -> PolicyRuleConfig | None:
     from gateway.config import _bool
 
-    if not isinstance(raw, dict):
-        p.add(where, "must be a mapping with match and allowed_groups, allowed_users or public")
+    m = _entry(raw, _RULE_KEYS, ("path", "methods", "host"), where, p)
+    if m is None:
         return None
-    _check_keys(raw, _RULE_KEYS, where, p)
-    m = _match(raw, ("path", "methods", "host"), where, p)
     path = m.get("path")
     if path is not None:
         try:
@@ -191,10 +199,16 @@ def _rule(raw: Any, where: str, p: _Problems) -> PolicyRuleConfig | None:
     return PolicyRuleConfig(path, methods, host, groups, users, public, where)
 
 
+def _each(raw: list[Any], name: str, parse: Callable[[Any, str, _Problems], T | None], p: _Problems
+          ) -> tuple[T, ...]:
+    parsed = (parse(item, f"{name}[{i}]", p) for i, item in enumerate(raw))
+    return tuple(x for x in parsed if x is not None)
+
+
 def read_access_sections(data: dict[str, Any], upstream_given: bool, p: _Problems
                          ) -> tuple[tuple[UpstreamRoute, ...], tuple[PolicyRuleConfig, ...]]:
     """Parse `upstreams:` and `policy:` (lists, so outside config.py's per-section schema)."""
-    routes: list[UpstreamRoute] = []
+    routes: tuple[UpstreamRoute, ...] = ()
     raw_upstreams = data.get("upstreams")
     if raw_upstreams is not None:
         if upstream_given:
@@ -202,24 +216,11 @@ def read_access_sections(data: dict[str, Any], upstream_given: bool, p: _Problem
         if not isinstance(raw_upstreams, list) or not raw_upstreams:
             p.add("upstreams", "must be a non-empty list of {match, url, ...}")
         else:
-            for i, item in enumerate(raw_upstreams):
-                route = _upstream(item, f"upstreams[{i}]", p)
-                if route is not None:
-                    routes.append(route)
-    rules: list[PolicyRuleConfig] = []
+            routes = _each(raw_upstreams, "upstreams", _upstream, p)
+    rules: tuple[PolicyRuleConfig, ...] = ()
     raw_policy = data.get("policy")
-    if raw_policy is not None:
-        if not isinstance(raw_policy, list):
-            p.add("policy", "must be a list of rules {match, allowed_groups | allowed_users | public}")
-        else:
-            for i, item in enumerate(raw_policy):
-                rule = _rule(item, f"policy[{i}]", p)
-                if rule is not None:
-                    rules.append(rule)
-    return tuple(routes), tuple(rules)
-
-
-def with_default_route(routes: tuple[UpstreamRoute, ...], single: UpstreamConfig) -> tuple[UpstreamRoute, ...]:
-    """The routing table: `upstreams:`, or the single `upstream:` for every host and path (SPEC §13)."""
-    return routes or (UpstreamRoute(single),)
-
+    if isinstance(raw_policy, list):
+        rules = _each(raw_policy, "policy", _rule, p)
+    elif raw_policy is not None:
+        p.add("policy", "must be a list of rules {match, allowed_groups | allowed_users | public}")
+    return routes, rules

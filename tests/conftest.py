@@ -400,7 +400,10 @@ def write_config(tmp_path: Path, dsn: str) -> Callable[..., Path]:
             "log": {"level": "warning"},
         }
         for name, values in sections.items():
-            data.setdefault(name, {}).update(values)
+            if isinstance(values, list):  # upstreams, policy (SPEC §13)
+                data[name] = values
+            else:
+                data.setdefault(name, {}).update(values)
         path = tmp_path / f"gateway-{next(counter)}.yaml"
         path.write_text(yaml.safe_dump(data), encoding="utf-8")
         return path

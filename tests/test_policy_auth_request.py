@@ -15,7 +15,7 @@ import jwt
 import pytest
 from conftest import Gateway, echoed_headers
 from test_nginx import NGINX, run_nginx
-from test_policy_proxy import ED_PEM, ES_PEM
+from test_policy_proxy import ED_PEM, ES_PEM, cookie_of
 from yarl import URL
 
 # The policy of the comment at the top of deploy/nginx/several_tools.conf, plus a host rule.
@@ -40,14 +40,6 @@ async def start(gateway_factory: Any, db: asyncpg.Pool, tools: dict[str, str], *
     gw.fake.add_member("alice", "writers")
     gw.fake.add_member("alice", "sre")
     return gw
-
-
-async def cookie_of(gw: Gateway, login: str) -> str:
-    async with gw.browser() as b:
-        await b.sign_in(login)
-        value = b.cookie(gw.config.session.cookie_name)
-    assert value
-    return value
 
 
 async def auth(gw: Gateway, method: str | None, uri: str | None, *, cookie: str | None = None,
