@@ -11,6 +11,8 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
     bare                bench/bare_proxy.py: aiohttp pass-through, no authentication, one process
     gateway-1           the gateway in proxy mode, server.workers 1
     gateway-1-info      the same at log.level info (the default): one JSON access-log line per request
+    gateway-1-policy    gateway-1 with 20 policy rules (the last one deciding) and the signed assertion on
+                        (SPEC §13); also measured interleaved with gateway-1 (--policy-rounds)
     gateway-2           the gateway in proxy mode, server.workers 2
     auth_request        nginx + auth_request to the gateway (deploy/nginx/auth_request.conf)
     auth_request-cache  the same with the 5 s auth cache (deploy/nginx/auth_request_cached.conf)
@@ -225,8 +227,29 @@ async def mint_session(dsn: str) -> str:
     return Fernet(SESSION_KEY.encode()).encrypt(json.dumps(data).encode()).decode()
 
 
+def policy_sections() -> dict[str, object]:
+    """20 rules of every kind, only the last matching the bench page (so all 20 are tried), plus the signed
+    assertion with an ES256 key: what gateway-1-policy adds to gateway-1."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    rules: list[dict[str, object]] = []
+    for i in range(19):
+        match: dict[str, object] = {"path": f"^/tool{i}/"}
+        if i % 3 == 1:
+            match["methods"] = ["POST", "PUT", "DELETE"]
+        if i % 3 == 2:
+            match["host"] = f"tool{i}.example.com"
+        rules.append({"match": match, **({"allowed_users": ["alice"]} if i % 2 else {"allowed_groups": [f"team-{i}"]})})
+    rules.append({"match": {"path": r"^/index\.html$", "methods": ["GET", "HEAD"]},
+                  "allowed_groups": ["team-x", "gateway-users"]})
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    return {"policy": rules, "headers": {"assertion": "X-Gateway-Assertion", "assertion_keys": [key]}}
+
+
 def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers: int,
-                   log_level: str = "warning") -> tuple[Path, int, int]:
+                   log_level: str = "warning", extra: dict[str, object] | None = None) -> tuple[Path, int, int]:
     public, admin = free_port(), free_port()
     data = {
         "server": {"listen": f"127.0.0.1:{public}", "public_url": f"http://127.0.0.1:{public}", "workers": workers},
@@ -236,6 +259,7 @@ def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers
         "session": {"secrets": [SESSION_KEY]},
         "database": {"dsn": dsn},
         "log": {"level": log_level},
+        **(extra or {}),
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -323,14 +347,15 @@ def python_load(url: str, cookie: str, *, duration: int, connections: int) -> Re
 
 # ---- the run -----------------------------------------------------------------------------------------------
 
-NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-1-info", "gateway-2", "auth_request",
-         "auth_request-cache", "go"]
+NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-1-info", "gateway-1-policy",
+         "gateway-2", "auth_request", "auth_request-cache", "go"]
 LABELS = {
     "upstream": "upstream: nginx static 200 B",
     "nginx": "nginx proxy_pass alone",
     "bare": "bare aiohttp proxy (no auth)",
     "gateway-1": "gateway workers=1",
     "gateway-1-info": "gateway workers=1, access log on",
+    "gateway-1-policy": "gateway-1 + 20 rules + assertion",
     "gateway-2": "gateway workers=2",
     "auth_request": "nginx + auth_request -> gateway",
     "auth_request-cache": "nginx + auth_request, 5 s cache",
@@ -353,6 +378,8 @@ def main() -> int:
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(NAMES)}")
     parser.add_argument("--ab-rounds", type=int, default=4,
                         help="interleaved bare/gateway-1 rounds for the noise-resistant ratio (0: skip)")
+    parser.add_argument("--policy-rounds", type=int, default=4,
+                        help="interleaved gateway-1/gateway-1-policy rounds (0: skip)")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(","))) or set(NAMES)
     load = wrk if shutil.which("wrk") else python_load
@@ -360,6 +387,7 @@ def main() -> int:
         print("wrk not found: using the Python load generator (numbers are lower and noisier)", file=sys.stderr)
     results: dict[str, Result] = {}
     interleaved: list[float] = []
+    policy_interleaved: list[float] = []
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     workdir.chmod(0o755)
@@ -384,7 +412,8 @@ def main() -> int:
         (workdir / "www" / "index.html").write_bytes(PAGE)
         up, up_proc = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
         upstream = f"http://127.0.0.1:{up}"
-        wanted = only & {"gateway-1", "gateway-1-info", "gateway-2", "auth_request", "auth_request-cache"}
+        wanted = only & {"gateway-1", "gateway-1-info", "gateway-1-policy", "gateway-2", "auth_request",
+                         "auth_request-cache"}
         with database(workdir) if wanted else contextlib.nullcontext("") as dsn:
             # Every row gets the same request, this cookie included (only the gateways read it).
             cookie = f"_gateway={asyncio.run(mint_session(dsn))}" if wanted else "_gateway=x"
@@ -412,7 +441,7 @@ def main() -> int:
                 measure("bare", bare[0], cookie, [proc])
             for workers in (1, 2):
                 rows = {f"gateway-{workers}"} | (
-                    {"auth_request", "auth_request-cache"} if workers == 1 else set())
+                    {"auth_request", "auth_request-cache", "gateway-1-policy"} if workers == 1 else set())
                 if not rows & only:
                     continue
                 path, public, admin = gateway_config(workdir, f"gateway-{workers}", dsn=dsn, upstream=upstream,
@@ -435,6 +464,19 @@ def main() -> int:
                         server = deploy_server(conf, gateway=public, upstream=up)
                         port, front = procs.nginx(name, "include auth_request_cache.conf;\n" + server, files)
                         measure(name, f"http://127.0.0.1:{port}/index.html", cookie, [front, proc])
+                if workers == 1 and "gateway-1-policy" in only:
+                    p_path, p_public, p_admin = gateway_config(workdir, "gateway-1-policy", dsn=dsn,
+                                                               upstream=upstream, workers=1, extra=policy_sections())
+                    p_proc = procs.start([sys.executable, "-m", "gateway", "run", "--no-migrate", "-c", str(p_path)],
+                                         "gateway-1-policy", cwd=REPO)
+                    wait_ready(p_admin, p_proc)
+                    p_url = f"http://127.0.0.1:{p_public}/index.html"
+                    measure("gateway-1-policy", p_url, cookie, [p_proc])
+                    if "gateway-1" in only and args.policy_rounds:
+                        policy_interleaved = interleaved_cpu_ratio(
+                            (f"http://127.0.0.1:{public}/index.html", proc), (p_url, p_proc), cookie,
+                            rounds=args.policy_rounds, load=load, connections=args.connections, others=[up_proc])
+                    procs.stop(p_proc)
                 procs.stop(proc)
             if "gateway-1-info" in only:
                 # The default log.level (info): one JSON access-log line per request, written to a file.
@@ -467,6 +509,11 @@ def main() -> int:
         print(f"\ngateway workers=1 / bare proxy, interleaved ({len(interleaved)} rounds of 2 s each, servers pinned "
               f"to CPU 1, wrk and the upstream to CPU 0): bare's CPU per request / the gateway's, median "
               f"{statistics.median(interleaved):.2f}x [{' '.join(f'{x:.2f}' for x in interleaved)}]")
+    if policy_interleaved:
+        print(f"\ngateway-1 + 20 rules + assertion / gateway-1, interleaved ({len(policy_interleaved)} rounds, "
+              f"pinned as above): gateway-1's CPU per request / the policy row's, median "
+              f"{statistics.median(policy_interleaved):.2f}x "
+              f"[{' '.join(f'{x:.2f}' for x in policy_interleaved)}] (target >= 0.95x)")
     return 0
 
 
@@ -535,12 +582,13 @@ def print_table(results: dict[str, Result], args: argparse.Namespace, elapsed: f
           "proxy is CPU-bound, so this is its throughput ratio without the noise of other load).")
     print("\ntargets (reported, not asserted):")
     # The shipped auth_request configs pool connections, so their like-for-like nginx is nginx-keepalive.
-    targets = (("gateway-1", "bare", 0.85), ("auth_request-cache", "nginx-keepalive", 0.7),
+    targets = (("gateway-1", "bare", 0.85), ("gateway-1-policy", "gateway-1", 0.95),
+               ("auth_request-cache", "nginx-keepalive", 0.7),
                ("auth_request-cache", "nginx", 0.7), ("auth_request-cache", "go", 1.5))
     for name, base, target in targets:
         value = ratio(name, base)
         verdict = "" if value == "-" else ("  met" if float(value[:-1]) >= target else "  NOT met")
-        extra = f"; by CPU per request {cpu_ratio(name, base)}" if base == "bare" else ""
+        extra = f"; by CPU per request {cpu_ratio(name, base)}" if base in ("bare", "gateway-1") else ""
         print(f"  {LABELS[name]} / {LABELS[base]}: {value} (target >= {target}x){verdict}{extra}")
     failed = [n for n, r in results.items() if r.errors]
     if failed:

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from yarl import URL
 
+from gateway import keys
+
 ES_PEM = ec.generate_private_key(ec.SECP256R1()).private_bytes(
     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
 ED_PEM = ed25519.Ed25519PrivateKey.generate().private_bytes(
@@ -243,3 +245,17 @@ async def test_redirects_accept_every_upstream_host(gateway_factory, db, tools):
         assert r.headers["Location"] == "http://grafana.test/d/1"
         r = await b.sign_in("alice", rd="http://evil.test/d/1")
         assert r.headers["Location"] == "/"
+
+
+async def test_deciding_touches_no_database(gateway_factory, db, tools):
+    gw = await start(gateway_factory, db, tools)
+    alice, bob = await cookie_of(gw, "alice"), await cookie_of(gw, "bob")
+    store = gw.public_app[keys.SESSIONS]
+    for who in (alice, bob):  # the first request of each session on this process may look it up
+        await call(gw, "/x", cookie=who)
+    before = store.queries
+    for path, method, who, status in (("/admin/x", "POST", alice, 200), ("/admin/x", "POST", bob, 403),
+                                      ("/api/x", "GET", bob, 403), ("/healthz", "GET", None, 200),
+                                      ("/team/a", "GET", alice, 200), ("/other", "GET", None, 401)):
+        assert (await call(gw, path, method=method, cookie=who))[0] == status
+    assert store.queries == before
