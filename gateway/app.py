@@ -246,7 +246,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
-    app[access.SIGNER] = access.Access.from_config(cfg, HeaderPolicy.from_config(cfg)).signer
+    app[access.SIGNER] = access.make_signer(cfg)
     app.router.add_get("/jwks.json", access.jwks)
     admin_api.add_routes(app)
     return app

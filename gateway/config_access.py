@@ -162,6 +162,10 @@ def _names(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
     if items is not None and not items:
         p.add(path, "must name at least one (omit the key to let any signed-in user pass)")
         return None
+    for i, name in enumerate(items or ()):
+        # Group names never hold these (SPEC §16), logins neither: such an entry could never match.
+        if "," in name or name != name.strip():
+            p.add(f"{path}[{i}]", f"{name!r} cannot match: names have no ',' and no surrounding spaces")
     return items
 
 

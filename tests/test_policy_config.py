@@ -90,6 +90,8 @@ def test_policy_is_read():
     ({"policy": [{"allowed_group": ["x"]}]}, "policy[0].allowed_group: unknown key (did you mean allowed_groups?)"),
     ({"policy": [{"allowed_groups": []}]}, "policy[0].allowed_groups: must name at least one"),
     ({"policy": [{"allowed_users": "alice"}]}, "policy[0].allowed_users: must be a list of strings"),
+    ({"policy": [{"allowed_groups": ["sre", "a,b"]}]}, "policy[0].allowed_groups[1]: 'a,b' cannot match"),
+    ({"policy": [{"allowed_users": [" alice"]}]}, "policy[0].allowed_users[0]: ' alice' cannot match"),
     ({"policy": [{"public": "yes"}]}, "policy[0].public: must be true or false"),
     ({"policy": [{"public": True, "allowed_users": ["a"]}]}, "policy[0].public: cannot be combined"),
     ({"headers": {"assertion": "X-Gateway-Assertion"}}, "headers.assertion_keys: needs at least one PEM"),

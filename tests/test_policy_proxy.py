@@ -162,11 +162,13 @@ async def test_each_rule_kind(gateway_factory, db, tools):
     assert (await call(gw, "/other", cookie=bob))[0] == 200
 
 
-async def test_the_403_page_and_json_name_who_would_pass(gateway_factory, db, tools):
+async def test_the_403_page_and_json_name_who_would_pass(gateway_factory, db, tools, caplog):
     gw = await start(gateway_factory, db, tools)
     bob = await cookie_of(gw, "bob")
     status, page, r = await call(gw, "/team/plan?x=1", cookie=bob, html=True)
     assert status == 403 and r.headers["Cache-Control"] == "no-store"
+    refusals = [rec for rec in caplog.records if rec.getMessage() == "refused by policy"]
+    assert [getattr(rec, "rule", None) for rec in refusals] == ["policy[3]"]
     assert "Only members of the groups “ops” or “sre” can use this page." in page
     assert 'href="/oauth2/sign_out?rd=%2Foauth2%2Fstart%3Frd%3D%252Fteam%252Fplan%253Fx%253D1"' in page
     assert "Sign in with another account" in page

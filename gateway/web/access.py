@@ -7,6 +7,7 @@ The decisions themselves are pure (access/policy.py, access/upstreams.py); this 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -22,6 +23,8 @@ from gateway.config import Config
 from gateway.errors import Forbidden, NotFound, Unauthenticated
 from gateway.web.login import start_url
 from gateway.web.pages import NO_STORE, redirect, wants_html
+
+log = logging.getLogger("gateway.policy")
 
 JWKS_CACHE = {"Cache-Control": "public, max-age=300"}  # SPEC §13: cacheable for 5 minutes
 
@@ -53,9 +56,7 @@ class Access:
     def from_config(cls, cfg: Config, headers: HeaderPolicy) -> Access:
         policy = Policy.from_config(cfg.routes.public, cfg.routes.api, cfg.policy)
         table = UpstreamTable(cfg.routing)
-        signer = Signer(cfg.headers.assertion_keys, issuer=cfg.server.public_url) \
-            if cfg.headers.assertion_keys else None
-        return cls(policy, table, headers, cfg.server.prefix, signer, cfg.headers.assertion,
+        return cls(policy, table, headers, cfg.server.prefix, make_signer(cfg), cfg.headers.assertion,
                    table.by_host or any(r.host for r in policy.rules))
 
     def host_of(self, request: web.BaseRequest) -> str | None:
@@ -85,8 +86,11 @@ class Access:
             return None
         return value.partition(",")[0].strip() or None
 
-    def assertion_headers(self, identity_token: str | None) -> dict[str, str]:
-        return {self.assertion_header: identity_token} if identity_token and self.assertion_header else {}
+
+
+def make_signer(cfg: Config) -> Signer | None:
+    """The assertion signer, when keys are configured (their JWKS is published even if the header is off)."""
+    return Signer(cfg.headers.assertion_keys, issuer=cfg.server.public_url) if cfg.headers.assertion_keys else None
 
 
 def unknown_host() -> UnknownHost:
@@ -124,7 +128,9 @@ def who_passes(decision: Decision) -> str:
 
 
 def forbidden(prefix: str, decision: Decision, raw_path: str) -> PolicyForbidden:
-    """403 naming what would pass, with a way to sign in with another account."""
+    """403 naming what would pass, with a way to sign in with another account; logged with the rule's key
+    path so an operator can tell which rule refused (the access log line has the user and path)."""
+    log.info("refused by policy", extra={"rule": decision.rule})
     again = start_url(prefix, raw_path if raw_path.startswith("/") else "/")
     err = PolicyForbidden(
         f"Only {who_passes(decision)} can use this page.",
