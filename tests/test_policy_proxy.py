@@ -154,6 +154,8 @@ async def test_each_rule_kind(gateway_factory, db, tools):
     # users + host
     assert (await call(gw, "/api/x", cookie=alice))[0] == 200
     assert (await call(gw, "/api/x", cookie=bob))[0] == 403
+    for spelling in ("GRAFANA.test", "grafana.test:8443", "grafana.test.", "Grafana.Test.:1"):
+        assert (await call(gw, "/api/x", host=spelling, cookie=bob))[0] == 403, spelling
     assert (await call(gw, "/api/x", host="tools.test", cookie=bob))[0] == 200
     # default: signed in
     status, _, r = await call(gw, "/other", html=True)
