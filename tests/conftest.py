@@ -259,6 +259,13 @@ class Browser:
 
     async def sign_in(self, username: str, rd: str = "/", *, expect_status: int = 302) -> aiohttp.ClientResponse:
         """Run the whole flow: start -> GitLab authorize -> sign-in page -> callback; return the callback answer."""
+        callback = await self.callback_url(username, rd)
+        r = await self.http.get(callback, allow_redirects=False)
+        assert r.status == expect_status, f"{r.status}: {await r.text()}"
+        return r
+
+    async def callback_url(self, username: str, rd: str = "/") -> str:
+        """Start signing in and sign in at GitLab; the callback URL (code and state) GitLab sends us back to."""
         r = await self.http.get(f"{self.gw.public_url}{self.gw.config.server.prefix}/start",
                                 params={"rd": rd}, allow_redirects=False)
         assert r.status == 302, await r.text()
@@ -278,11 +285,9 @@ class Browser:
                 nxt = self.gw.fake_url + nxt
             r = await self.http.get(nxt, allow_redirects=False)
         assert r.status == 302, f"GitLab did not redirect back: {r.status} {await r.text()}"
-        callback = r.headers["Location"]
+        callback: str = r.headers["Location"]
         assert callback.startswith(self.gw.public_url), callback
-        r = await self.http.get(callback, allow_redirects=False)
-        assert r.status == expect_status, f"{r.status}: {await r.text()}"
-        return r
+        return callback
 
     def cookie(self, name: str) -> str | None:
         for c in self.jar:

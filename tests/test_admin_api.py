@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import ADMIN_TOKEN, audit_actions
+from yarl import URL
 
 GROUP_KEYS = {"id", "name", "description", "builtin", "gitlab_group_id", "member_count"}
 USER_KEYS = {"login", "name", "email", "active", "gitlab_id", "provisioned_by", "created_at", "last_login_at",
@@ -95,6 +96,15 @@ async def test_api_needs_the_admin_bearer_token(gw, db):
         await call(s, "GET", "/api/v1/groups", 200)  # the scheme is case-insensitive
         async with s.put("/api/v1/groups", json={}) as r:
             assert r.status == 405
+
+
+@pytest.mark.parametrize("target", ["/%61pi/v1/groups", "/%61%70%69/v1/users", "/ap%69/v1/audit",
+                                    "/api%2Fv1/groups"])
+async def test_an_encoded_spelling_of_api_needs_the_token_too(gw, target):
+    """aiohttp routes on the decoded path, so the token check must read the decoded path as well."""
+    async with aiohttp.ClientSession() as anon, anon.get(URL(gw.admin_url + target, encoded=True)) as r:
+        assert r.status == 401, target
+        assert (await r.json())["error"] == "unauthenticated"
 
 
 # ---- groups ---------------------------------------------------------------------------------------------

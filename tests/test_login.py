@@ -95,7 +95,9 @@ async def test_expired_state_cookie_is_400(gateway_factory: Any) -> None:
         http.cookie_jar.update_cookies({f"_gateway_state_{state[:12]}": sealed}, URL(gw.public_url))
         r = await http.get(f"{gw.public_url}/oauth2/callback", params={"code": "x", "state": state},
                            allow_redirects=False)
-        assert r.status == 400 and "expired" in (await r.json())["message"]
+        # Refused by our own check, before the code goes to GitLab (which would refuse "x" anyway).
+        assert r.status == 400 and "This sign-in has expired" in (await r.json())["message"]
+    assert not [u for _, u in gw.fake.requests if "/oauth/token" in u]
 
 
 async def test_access_denied_at_gitlab_is_403(gateway_factory: Any, db: asyncpg.Pool) -> None:
@@ -112,17 +114,46 @@ async def test_access_denied_at_gitlab_is_403(gateway_factory: Any, db: asyncpg.
     assert await db.fetchval("SELECT count(*) FROM users") == 0
 
 
-async def test_code_cannot_be_replayed(gateway_factory: Any) -> None:
+async def test_code_cannot_be_replayed(gateway_factory: Any, db: asyncpg.Pool) -> None:
     gw = await gateway_factory()
     gw.fake.add_user(10, "alice")
     async with gw.browser() as b:
-        r = await b.sign_in("alice")
-        callback = [u for m, u in gw.fake.requests if "/oauth/authorize" in u]
-        assert callback
-        # Replaying the same callback URL: the state cookie is gone -> 400, never a second session.
-        first_callback = str(r.url)
-        r2 = await b.http.get(first_callback, allow_redirects=False)
+        callback = await b.callback_url("alice")
+        state = parse_qs(urlsplit(callback).query)["state"][0]
+        r = await b.http.get(callback, allow_redirects=False)
+        assert r.status == 302
+        # The sign-in deletes its state cookie...
+        assert any(c.startswith(f"_gateway_state_{state[:12]}=") and "Max-Age=0" in c for c in set_cookie_headers(r))
+        assert b.cookie(f"_gateway_state_{state[:12]}") is None
+        # ...so replaying the callback URL stops at our own state check (not only at GitLab, which refuses a used
+        # code anyway): 400, and never a second session.
+        exchanges = len([u for _, u in gw.fake.requests if "/oauth/token" in u])
+        r2 = await b.http.get(callback, allow_redirects=False)
         assert r2.status == 400
+        assert "not started in this browser" in await r2.text()
+        assert len([u for _, u in gw.fake.requests if "/oauth/token" in u]) == exchanges
+    assert await db.fetchval("SELECT count(*) FROM sessions") == 1
+
+
+async def test_forged_state_with_a_valid_code_does_not_sign_in(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    """The state cookie is found by the state's first 12 characters; the whole state must still match, even when
+    the code is one GitLab would accept."""
+    gw = await gateway_factory()
+    gw.fake.add_user(10, "alice")
+    async with gw.browser() as b:
+        callback = await b.callback_url("alice")
+        query = parse_qs(urlsplit(callback).query)
+        state, code = query["state"][0], query["code"][0]
+        forged = state[:12] + ("A" if state[12] != "A" else "B") + state[13:]
+        r = await b.http.get(f"{gw.public_url}/oauth2/callback", params={"code": code, "state": forged},
+                             allow_redirects=False)
+        assert r.status == 400
+        assert "does not match" in await r.text()
+        assert b.cookie("_gateway") is None
+        assert await db.fetchval("SELECT count(*) FROM sessions") == 0
+        # The state is checked before the code is spent: the genuine callback still signs in.
+        r = await b.http.get(callback, allow_redirects=False)
+        assert r.status == 302 and b.cookie("_gateway")
 
 
 async def test_session_cookie_flags_and_new_id_every_sign_in(gateway_factory: Any, db: asyncpg.Pool) -> None:

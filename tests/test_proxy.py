@@ -468,6 +468,45 @@ async def test_the_timeout_counts_from_the_end_of_a_slow_upload(gateway_factory)
     assert payload["body"] == "012"
 
 
+@pytest.mark.parametrize("pause", [0.0, 1.3])
+async def test_an_upstream_that_reads_the_body_then_stalls_is_a_504(gateway_factory, serve_app, pause):
+    """The deadline is armed again once the last body chunk is sent: a POST (sent at once, or slowly with
+    pauses longer than the timeout) whose upstream takes the whole body and then never answers gets its 504,
+    about `upstream.timeout` after the upload ended."""
+    received: list[bytes] = []
+    release = asyncio.Event()
+
+    async def reads_then_stalls(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), 30)
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_post("/stall", reads_then_stalls)
+    gw = await gateway_factory(upstream={"url": await serve_app(app), "timeout": "1s"})
+    cookie = await sign_in(gw)
+    sent: dict[str, float] = {}
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(3):
+            if i and pause:
+                await asyncio.sleep(pause)
+            yield f"{i}".encode()
+        sent["at"] = time.monotonic()
+
+    try:
+        async with client(timeout=aiohttp.ClientTimeout(total=8)) as http, http.post(
+                raw(gw, "/stall"), data=body(), headers={"Cookie": f"{COOKIE}={cookie}"}) as r:
+            assert r.status == 504
+            assert (await r.json())["error"] == "gateway_timeout"
+            answered = time.monotonic()
+    finally:
+        release.set()
+    assert received == [b"012"]
+    assert answered - sent["at"] >= 0.9  # counted from the end of the upload, not from its start
+
+
 async def test_an_upstream_that_stops_reading_the_body_is_a_504(gateway_factory, serve_app):
     finished = asyncio.Event()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.access.routes import RouteTable, normalized_path, parse_rule
 
@@ -68,6 +70,8 @@ def test_normal_paths_are_decoded(raw: str, expected: str) -> None:
         "/public/../private", "/public/./private", "/public/..", "/public/.", "/..", "/.",
         "/public/%2e%2e/private", "/public/%2E%2E/private", "/public/.%2e/private", "/public/%2e/private",
         "/public%2f..%2fprivate", "/public%2F..", "/public%5c..%5cprivate", "/public%5C",
+        # An encoded separator alone, with nothing else odd about the path, is enough to refuse it.
+        "/public%2Fadmin", "/public%2fadmin", "/a%2Fb", "/public%5Cadmin",
         "//public", "/public//private", "/public/\\..\\private", "/public\\",
         "/public/..;/private", "/public/.;x/private",
         "/a%00", "/a%0a", "/a%0D", "/a%7f", "/a%zz", "/a%", "/a%2",
@@ -107,6 +111,8 @@ TABLE = RouteTable.from_config(public=["^/public/", "GET=^/static/", "^/health$"
         ("GET", "/public/%2e%2e/private", "protected"),
         ("GET", "/public/%2E%2E/private", "protected"),
         ("GET", "/public%2f..%2fprivate", "protected"),
+        ("GET", "/public%2Fadmin", "protected"),
+        ("GET", "/static%2Fapp.js", "protected"),
         ("GET", "/public/..%2fprivate", "protected"),
         ("GET", "/public/..;/private", "protected"),
         ("GET", "/public/..\\private", "protected"),
@@ -140,3 +146,18 @@ def test_without_rules_everything_is_protected() -> None:
     table = RouteTable([], [])
     assert table.classify("GET", "/public/x") == "protected"
     assert table.classify("GET", "/") == "protected"
+
+
+_SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.~", min_size=1, max_size=8)
+
+
+@given(before=st.lists(_SEGMENT, max_size=3), after=st.lists(_SEGMENT, max_size=3),
+       separator=st.sampled_from(["%2F", "%2f", "%5C", "%5c"]), method=st.sampled_from(["GET", "POST"]))
+def test_an_encoded_separator_never_rides_a_public_rule(before: list[str], after: list[str], separator: str,
+                                                        method: str) -> None:
+    """Property: a path holding an encoded '/' or '\\' anywhere is never public, whatever else it looks like
+    (we would match the decoded path while the upstream may split segments differently)."""
+    path = "/public/" + "/".join(before) + separator + "/".join(after)
+    assert normalized_path(path) is None
+    assert TABLE.classify(method, path) == "protected"
+

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 
 from gateway import keys
 from gateway.db import notify as db_notify
@@ -120,3 +121,62 @@ def test_cookie_value_parsing() -> None:
     assert cookie_value("x_gateway=1", "_gateway") is None
     assert cookie_value(None, "_gateway") is None
     assert cookie_value("_gateway=", "_gateway") is None
+
+
+async def test_an_invalidation_during_a_cache_miss_keeps_the_stale_answer_out_of_the_cache(
+        gateway_factory: Any, db: asyncpg.Pool, dsn: str) -> None:
+    """A NOTIFY that arrives while a look-up's query is in flight: the query may have read the world before the
+    change, so its answer serves that one request but is not cached (else it would stand until check_interval)."""
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 1, session={"check_interval": "1h"})
+    store = gateways[0].public_app[keys.SESSIONS]
+    ref = store.decode(cookie)
+    assert ref is not None
+    store.invalidate_all()  # the next look-up is a cache miss
+    holder = await asyncpg.connect(dsn)
+    try:
+        # Hold the session row: the look-up's UPDATE ... RETURNING waits on it with its snapshot already taken.
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", ref.sid)
+        lookup = asyncio.ensure_future(store.lookup(ref.sid))
+        deadline = time.monotonic() + 5
+        while not await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"):
+            assert time.monotonic() < deadline, "the look-up never reached the database"
+            await asyncio.sleep(0.02)
+        # Meanwhile an administrator deactivates the user (the NOTIFY is what an admin change sends).
+        generation = store.generation
+        async with db.acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE users SET active = false WHERE id = $1", ref.uid)
+            await db_notify.notify(conn, "user", ref.uid)
+        while store.generation == generation:
+            assert time.monotonic() < deadline, "the NOTIFY never arrived"
+            await asyncio.sleep(0.02)
+        await tx.commit()
+        stale = await asyncio.wait_for(lookup, 5)
+    finally:
+        await holder.close()
+    assert stale is not None and stale.login == "alice"  # read before the deactivation: fine for that request
+    queries = store.queries
+    assert await store.lookup(ref.sid) is None  # asked again, not served from the cache
+    assert store.queries == queries + 1
+
+
+async def test_memoized_cookies_and_cached_sessions_expire(gateway_factory: Any, db: asyncpg.Pool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two per-process memories honour time with a clock moved past the session's end: a memoized cookie
+    decryption still checks session.lifetime, and a cached identity still checks the row's expires_at (each is
+    masked end to end by the other check, so the store is asked directly)."""
+    gateways, cookie = await signed_in_everywhere(gateway_factory, 1, session={"check_interval": "1h"})
+    store = gateways[0].public_app[keys.SESSIONS]
+    ref = store.decode(cookie)  # decrypted and memoized
+    assert ref is not None
+    assert await store.lookup(ref.sid) is not None  # cached
+    # The session ends in the database; nothing tells the gateway (no NOTIFY: expiry is not an event).
+    await db.execute("UPDATE sessions SET expires_at = now() - interval '1 second'")
+    assert await store.lookup(ref.sid) is not None  # within check_interval and the cached expiry: a cache hit
+    later = time.time() + store.lifetime + 60
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert store.decode(cookie) is None
+    queries = store.queries
+    assert await store.lookup(ref.sid) is None
+    assert store.queries == queries + 1

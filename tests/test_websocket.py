@@ -180,3 +180,23 @@ async def test_with_websockets_off_an_upgrade_is_a_plain_request(gateway_factory
     seen: dict[str, Any] = ws_upstream.plain_requests[0]
     assert "upgrade" not in seen and "sec-websocket-key" not in seen
     assert seen["x-forwarded-user"] == ["alice"]
+
+
+@pytest.mark.parametrize("upgrade", ["WebSocket", "WEBSOCKET"])
+async def test_the_upgrade_token_is_case_insensitive(gateway_factory, ws_upstream, upgrade):
+    """RFC 6455 §4.2.1: the Upgrade value is matched case-insensitively; aiohttp's client always sends
+    "websocket", so the handshake is written by hand."""
+    gw = await gateway_factory(upstream={"url": ws_upstream.url})
+    cookie = await sign_in(gw)
+    host = gw.public_url.removeprefix("http://")
+    reader, writer = await asyncio.open_connection(*host.split(":"))
+    try:
+        writer.write((f"GET /socket HTTP/1.1\r\nHost: {host}\r\nUpgrade: {upgrade}\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Cookie: {COOKIE}={cookie}\r\n\r\n").encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 101 "), status
+    assert len(ws_upstream.handshakes) == 1 and ws_upstream.plain_requests == []
