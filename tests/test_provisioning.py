@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from conftest import Gateway, audit_actions
@@ -298,6 +299,34 @@ async def test_sync_adds_matching_groups_and_ignores_others(gateway_factory: Any
     assert await db.fetchval("SELECT count(*) FROM groups") == 5  # sync never creates groups
     event = [a for a in await audit_actions(db) if a[0] == "sign_in"][-1]
     assert event[2]["added"] == ["acme/platform", "acme/platform/sre"] and event[2]["removed"] == []
+
+
+async def test_memberships_synced_at_sign_in_reach_other_processes_at_once(gateway_factory: Any,
+                                                                           db: asyncpg.Pool) -> None:
+    """A sign-in that changes memberships announces it (NOTIFY): another process serving an older session of
+    the same user drops its cached groups instead of serving them until check_interval."""
+    gw = await gateway_factory(session={"check_interval": "1h"})
+    other = await gateway_factory(session={"check_interval": "1h"})
+    seed_acme(gw)
+    await add_local_groups(db, "acme")
+
+    async def groups_seen_by_other(cookie: str) -> list[str]:
+        async with aiohttp.ClientSession() as http, http.get(f"{other.public_url}/oauth2/userinfo",
+                                                             headers={"Cookie": f"_gateway={cookie}"}) as r:
+            assert r.status == 200
+            groups: list[str] = (await r.json())["groups"]
+            return groups
+
+    async with gw.browser() as laptop:
+        await laptop.sign_in("alice")
+        cookie = laptop.cookie("_gateway")
+        assert cookie and await groups_seen_by_other(cookie) == ["gateway-users"]  # now cached there
+        gw.fake.add_member("alice", "acme")
+        await sign_in(gw, "alice")  # from another browser: the laptop's session stays
+        deadline = asyncio.get_running_loop().time() + 2
+        while await groups_seen_by_other(cookie) != ["acme", "gateway-users"]:
+            assert asyncio.get_running_loop().time() < deadline, "the other process kept the old groups"
+            await asyncio.sleep(0.05)
 
 
 async def test_manual_membership_reset_at_next_sign_in(gateway_factory: Any, db: asyncpg.Pool) -> None:

@@ -103,6 +103,16 @@ async def test_the_gateway_invents_no_request_headers(gateway_factory, method, b
     assert (h["content-type"], h["user-agent"], h["accept"]) == (["application/json"], ["curl/8"], ["text/plain"])
 
 
+async def test_expect_100_continue_is_answered_by_the_gateway_not_forwarded(gateway_factory):
+    """The gateway's server answers the client's 100 Continue itself; passed on, Expect would make the
+    upstream request wait for a second 100 that an HTTP/1.0 upstream never sends."""
+    gw = await gateway_factory()
+    cookie = await sign_in(gw)
+    payload = await echo(gw, "/expect", cookie=cookie, method="POST", data=b"body", expect100=True)
+    assert payload["body"] == "body"
+    assert "expect" not in echoed_headers(payload)
+
+
 @pytest.mark.parametrize("size", [100, 1_000_000])
 async def test_head_gets_the_upstream_headers_and_no_body(gateway_factory, serve_app, size):
     gw = await gateway_factory(upstream={"url": await serve_app(special_upstream())})
