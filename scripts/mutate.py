@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -152,9 +153,12 @@ def run_tests(python: str, tree: Path, tests: tuple[str, ...], timeout: float | 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return "timeout", time.monotonic() - started, ""
+    except BaseException:  # Ctrl-C or SIGTERM: take the tests' servers down with us
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     tail = "\n".join(out.decode(errors="replace").strip().splitlines()[-3:])
     return ("passed" if proc.returncode == 0 else "failed"), time.monotonic() - started, tail
 
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"),
                         help="the interpreter with the package's test extra installed")
     args = parser.parse_args(argv)
+    # A stopped run still removes its copy of the tree and its PostgreSQL (the finally blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     mutants = [m for m in load(args.file)
                if not args.words or any(w in m.id or w in m.module for w in args.words)]
     if args.list:
