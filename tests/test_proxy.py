@@ -478,24 +478,33 @@ async def test_the_timeout_counts_from_the_end_of_a_slow_upload(gateway_factory)
     assert payload["body"] == "012"
 
 
-@pytest.mark.parametrize("pause", [0.0, 1.3])
-async def test_an_upstream_that_reads_the_body_then_stalls_is_a_504(gateway_factory, serve_app, pause):
-    """The deadline is armed again once the last body chunk is sent: a POST (sent at once, or slowly with
-    pauses longer than the timeout) whose upstream takes the whole body and then never answers gets its 504,
-    about `upstream.timeout` after the upload ended."""
+async def stalling_upstream(gateway_factory: Any, serve_app: Any, release: asyncio.Event, *,
+                            read_body: bool) -> tuple[Gateway, str, list[bytes]]:
+    """A signed-in gateway (upstream.timeout 1 s) before an upstream whose POST /stall answers only once
+    `release` is set (or after 30 s); with `read_body` it first takes the whole body (returned list), else it
+    never reads it."""
     received: list[bytes] = []
-    release = asyncio.Event()
 
-    async def reads_then_stalls(request: web.Request) -> web.Response:
-        received.append(await request.read())
+    async def stalls(request: web.Request) -> web.Response:
+        if read_body:
+            received.append(await request.read())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(release.wait(), 30)
         return web.Response(text="late")
 
     app = web.Application()
-    app.router.add_post("/stall", reads_then_stalls)
+    app.router.add_post("/stall", stalls)
     gw = await gateway_factory(upstream={"url": await serve_app(app), "timeout": "1s"})
-    cookie = await sign_in(gw)
+    return gw, await sign_in(gw), received
+
+
+@pytest.mark.parametrize("pause", [0.0, 1.3])
+async def test_an_upstream_that_reads_the_body_then_stalls_is_a_504(gateway_factory, serve_app, pause):
+    """The deadline is armed again once the last body chunk is sent: a POST (sent at once, or slowly with
+    pauses longer than the timeout) whose upstream takes the whole body and then never answers gets its 504,
+    about `upstream.timeout` after the upload ended."""
+    release = asyncio.Event()
+    gw, cookie, received = await stalling_upstream(gateway_factory, serve_app, release, read_body=True)
     sent: dict[str, float] = {}
 
     async def body() -> AsyncIterator[bytes]:
@@ -518,19 +527,10 @@ async def test_an_upstream_that_reads_the_body_then_stalls_is_a_504(gateway_fact
 
 
 async def test_an_upstream_that_stops_reading_the_body_is_a_504(gateway_factory, serve_app):
+    # The upstream never reads the body: the gateway's writes stall once the socket buffers are full. (Its
+    # reading paused, that server would not even notice the gateway hanging up: the test releases it.)
     finished = asyncio.Event()
-
-    async def stalls(request: web.Request) -> web.Response:
-        # Never reads the body: the gateway's writes stall once the socket buffers are full. (Its reading
-        # paused, this server would not even notice the gateway hanging up: let the test release it.)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished.wait(), 30)
-        return web.Response(text="late")
-
-    app = web.Application()
-    app.router.add_post("/stall", stalls)
-    gw = await gateway_factory(upstream={"url": await serve_app(app), "timeout": "1s"})
-    cookie = await sign_in(gw)
+    gw, cookie, _ = await stalling_upstream(gateway_factory, serve_app, finished, read_body=False)
 
     async def endless() -> AsyncIterator[bytes]:
         block = b"u" * 65536
