@@ -104,6 +104,10 @@ class GitLabConfig:
     scopes: tuple[str, ...] = ("read_user", "read_api")
     ca_file: str | None = None
     timeout: float = 10.0
+    # GitLab's external URL as its ID tokens and browsers know it, when gitlab.url is an internal address
+    # (SPEC §16); None = read from GitLab's discovery document when needed.
+    issuer: str | None = None
+    allow_unverified_email: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +352,10 @@ def _http_url(*, allow_path: bool) -> Callable[[Any, str, _Problems], str | None
     return parse
 
 
+def _opt_http_url(v: Any, path: str, p: _Problems) -> str | None:
+    return None if v is None else _http_url(allow_path=True)(v, path, p)
+
+
 def _prefix(v: Any, path: str, p: _Problems) -> str | None:
     if not isinstance(v, str) or not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v):
         p.add(path, 'must be a path such as "/oauth2" (leading slash, no trailing slash)')
@@ -474,7 +482,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
     "gitlab": (GitLabConfig, {
         "url": _http_url(allow_path=True), "client_id": _str, "client_secret": _str,
         "groups_source": _choice("api", "userinfo"), "scopes": lambda v, path, p: v, "ca_file": _opt_str,
-        "timeout": _duration,
+        "timeout": _duration, "issuer": _opt_http_url,
+        "allow_unverified_email": _bool,
     }),
     "provisioning": (ProvisioningConfig, {
         "allow_signup": _bool, "sync_groups": _bool, "allowed_groups": _group_paths,

@@ -11,7 +11,8 @@ for browsers or JSON for everything else, with the class's status. Nothing else 
     ├── Conflict                      409     conflict
     ├── Unprocessable                 422     invalid
     ├── UpstreamError                 502     bad_gateway         (the proxied tool is down)
-    ├── GitLabUnavailable             502     gitlab_unavailable  (error, 5xx, 429, timeout, partial listing)
+    ├── GitLabUnavailable             502     gitlab_unavailable  (error, 5xx, timeout, partial listing)
+    │   └── GitLabRateLimited         503     gitlab_rate_limited (GitLab answered 429: Retry-After is passed on)
     ├── UpstreamTimeout               504     gateway_timeout
     └── DatabaseUnavailable           503     database_unavailable
 """
@@ -30,6 +31,9 @@ class GatewayError(Exception):
     advice = "Try again in a moment."
     retry_label = "Try again"  # the text of the retry_url link
     details: dict[str, Any] | None = None  # extra members of the JSON answer
+    retry_after: int | None = None  # seconds, sent as Retry-After
+    # A refusal page's way out: GitLab's page where the user can sign out to come back as someone else.
+    switch_account_url: str | None = None
 
     def __init__(self, message: str | None = None, *, code: str | None = None, advice: str | None = None,
                  retry_url: str | None = None) -> None:
@@ -63,9 +67,17 @@ class Forbidden(GatewayError):
 
 
 class SignInRefused(Forbidden):
-    """A refusal of SPEC §5; `code` says which rule (not_allowed, signup_disabled, deactivated, ...)."""
+    """A refusal of SPEC §5 or §16; `code` says which rule (not_allowed, signup_disabled, gitlab_deactivated...).
+
+    `login` and `gitlab_id` say who was refused, when known: the audit event and the log line name them.
+    """
 
     code, title = "sign_in_refused", "You cannot sign in"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None, advice: str | None = None,
+                 retry_url: str | None = None, login: str | None = None, gitlab_id: int | None = None) -> None:
+        super().__init__(message, code=code, advice=advice, retry_url=retry_url)
+        self.login, self.gitlab_id = login, gitlab_id
 
 
 class NotFound(GatewayError):
@@ -91,6 +103,18 @@ class UpstreamError(GatewayError):
 class GitLabUnavailable(GatewayError):
     status, code, title = 502, "gitlab_unavailable", "GitLab is unavailable, try again"
     advice = "GitLab did not answer correctly. Nothing was changed; wait a moment and sign in again."
+
+
+class GitLabRateLimited(GitLabUnavailable):
+    """GitLab answered 429 (SPEC §16): a 503 that says how long to wait."""
+
+    status, code, title = 503, "gitlab_rate_limited", "GitLab is busy, try again shortly"
+
+    def __init__(self, message: str, *, retry_after: int | None) -> None:
+        wait = f"in {retry_after} seconds" if retry_after else "in a moment"
+        super().__init__(message, advice=f"GitLab asked the gateway to slow down. Nothing was changed; sign in "
+                                         f"again {wait}.")
+        self.retry_after = retry_after
 
 
 class UpstreamTimeout(GatewayError):

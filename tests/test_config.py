@@ -153,6 +153,8 @@ BAD_VALUES = [
     ("gitlab", "scopes", [], "gitlab.scopes: must be a list of scopes"),
     ("gitlab", "ca_file", "/nonexistent/ca.pem", "gitlab.ca_file: /nonexistent/ca.pem is not a readable file"),
     ("gitlab", "timeout", "10 seconds", "gitlab.timeout: must be a positive duration"),
+    ("gitlab", "issuer", "gitlab.example.com", "gitlab.issuer: must be an http(s) URL"),
+    ("gitlab", "allow_unverified_email", "yes", "gitlab.allow_unverified_email: must be true or false"),
     ("provisioning", "allow_signup", "false", "provisioning.allow_signup: must be true or false"),
     ("provisioning", "sync_groups", None, "provisioning.sync_groups: must be true or false"),
     ("provisioning", "allowed_groups", ["https://gitlab.com/acme"], "provisioning.allowed_groups[0]:"),

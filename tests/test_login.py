@@ -111,7 +111,7 @@ async def test_access_denied_at_gitlab_is_403(gateway_factory: Any, db: asyncpg.
             "state": q["state"][0]})
         assert r.status == 403
         page = await r.text()
-        assert "declined" in page and 'href="/oauth2/start?rd=%2F"' in page
+        assert "declined" in page and 'href="/oauth2/start?rd=%2F&amp;again=access_denied"' in page
     assert await db.fetchval("SELECT count(*) FROM users") == 0
 
 

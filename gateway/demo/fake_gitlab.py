@@ -10,9 +10,13 @@ Deliberate choices where the reference is silent, each taken from GitLab/Doorkee
 - A confidential app that already holds a live token with exactly the requested scopes skips the consent page.
 - A code survives failed exchanges (bad verifier, wrong redirect_uri) and dies on the first successful one.
 - Refresh responses carry no id_token (doorkeeper-openid_connect only adds it for authorization_code).
-- Any user may "sign in" here whatever their state, so the gateway's handling of blocked users can be
-  exercised: their tokens then get 403 on /api/v4 and 401 on /oauth/userinfo (GitLab's `User.active` lookup
-  fails).
+- Any user may "sign in" here whatever their state, so the gateway's handling of refused users can be
+  exercised: their tokens then get GitLab's 403 on /api/v4 with the reason GitLab gives (blocked, pending
+  approval, deactivated, unconfirmed email, expired password, terms not accepted, internal account: see
+  FakeUser.api_refusal), and blocked, deactivated or internal users get 401 on /oauth/userinfo (GitLab's
+  `User.active` lookup finds nobody). GET /oauth/token/info still names the token's owner.
+- `external_url` makes it announce another URL (issuer, links, redirects) than the one it is reached at,
+  like an in-cluster GitLab whose external_url is its ingress.
 
 Demo users seeded by `demo_seed` (sign in as any of them on /users/sign_in, no password):
 - alice: owner of `acme`, maintainer of `acme/platform`; sees acme, acme/platform, acme/platform/sre.
@@ -59,7 +63,8 @@ ACCESS_LEVELS = frozenset({5, 10, 15, 20, 30, 40, 50})
 KNOWN_SCOPES = ("api", "read_api", "read_user", "openid", "profile", "email")
 USER_API_SCOPES = ("read_user", "api", "read_api")  # order as GitLab prints it in insufficient_scope
 GROUPS_API_SCOPES = ("api", "read_api")
-ENDPOINTS = frozenset({"token", "user", "groups", "userinfo", "authorize", "revoke", "discovery", "keys"})
+ENDPOINTS = frozenset({"token", "user", "groups", "userinfo", "authorize", "revoke", "discovery", "keys",
+                       "token_info"})
 
 ACCESS_TOKEN_LIFETIME = 7200
 CODE_LIFETIME = 600
@@ -88,7 +93,14 @@ ACCESS_DENIED = "The resource owner or authorization server denied the request."
 INSUFFICIENT_SCOPE = "The request requires higher privileges than provided by the access token."
 API_TOKEN_EXPIRED = "Token is expired. You can either do re-authorization or token refresh."
 API_TOKEN_REVOKED = "Token was revoked. You have to re-authorize from the user."
-ACCOUNT_BLOCKED = "403 Forbidden - Your account has been blocked."
+# Internal accounts (User::INTERNAL_USER_TYPES): GitLab's own bots, refused by the API guard and by
+# User.active. project_bot and service_account are bots too, but not internal.
+INTERNAL_USER_TYPES = frozenset({"ghost", "support_bot", "alert_bot", "visual_review_bot", "migration_bot",
+                                 "security_bot", "automation_bot", "security_policy_bot", "admin_bot",
+                                 "suggested_reviewers_bot", "llm_bot", "duo_code_review_bot"})
+BOT_USER_TYPES = INTERNAL_USER_TYPES | {"project_bot", "service_account"}
+BLOCKED_STATES = frozenset({"blocked", "ldap_blocked", "blocked_pending_approval", "banned"})
+EMAIL_CONFIRMATIONS = ("confirmed", "pending", "required")
 DOORKEEPER_TOKEN_ERRORS = {
     "unknown": "The access token is invalid",
     "expired": "The access token expired",
@@ -117,6 +129,49 @@ class FakeUser:
     email: str
     state: str = "active"
     public_email: str | None = None
+    # "confirmed"; "pending": unconfirmed within Devise's allow_unconfirmed_access_for (GitLab's "soft"
+    # confirmation: the API answers, with confirmed_at null and email_verified false); "required": unconfirmed
+    # and GitLab insists (User#confirmation_required_on_sign_in?): the API refuses the user.
+    email_confirmation: str = "confirmed"
+    password_expired: bool = False
+    terms_accepted: bool = True  # False: the instance enforces terms this user has not accepted
+    user_type: str = "human"  # or one of INTERNAL_USER_TYPES, project_bot, service_account
+
+    @property
+    def internal(self) -> bool:
+        return self.user_type in INTERNAL_USER_TYPES
+
+    def api_refusal(self, gitlab_url: str) -> str | None:
+        """Why GitLab's API guard refuses this user, word for word, or None when it does not.
+
+        GitLab: lib/api/api_guard.rb (find_current_user! -> forbidden!(api_access_denied_message)), the
+        conditions of app/policies/global_policy.rb and base_policy.rb that prevent :access_api/:access_git,
+        and lib/gitlab/auth/user_access_denied_reason.rb for the reason and its order.
+        """
+        unconfirmed = self.email_confirmation != "confirmed"
+        refused = (self.state != "active" or self.internal or not self.terms_accepted or self.password_expired
+                   or self.email_confirmation == "required")
+        if not refused:
+            return None
+        if self.internal:
+            reason = "This action cannot be performed by internal users"
+        elif self.state == "blocked_pending_approval":
+            reason = "Your account is pending approval from your administrator and hence blocked."
+        elif not self.terms_accepted:
+            reason = (f"You (@{self.username}) must accept the Terms of Service in order to perform this action. "
+                      f"To accept these terms, please access GitLab from a web browser at {gitlab_url}.")
+        elif self.state == "deactivated":
+            reason = ("Your account has been deactivated by your administrator. Please log back in from a web "
+                      f"browser to reactivate your account at {gitlab_url}")
+        elif unconfirmed:
+            reason = ("Your primary email address is not confirmed. Please check your inbox for the confirmation "
+                      "instructions. In case the link is expired, you can request a new confirmation email at "
+                      f"{gitlab_url}/users/confirmation/new")
+        elif self.state not in BLOCKED_STATES and self.password_expired:
+            reason = "Your password expired. Please access GitLab from a web browser to update your password."
+        else:
+            reason = "Your account has been blocked."
+        return f"403 Forbidden - {reason}"
 
 
 @dataclass
@@ -413,8 +468,16 @@ class FakeGitLab:
         email: str | None = None,
         state: str = "active",
         public_email: str | None = None,
+        email_confirmation: str = "confirmed",
+        password_expired: bool = False,
+        terms_accepted: bool = True,
+        user_type: str = "human",
     ) -> FakeUser:
         """Create a user; name defaults to the capitalised username, email to username@example.com."""
+        if email_confirmation not in EMAIL_CONFIRMATIONS:
+            raise ValueError(f"email_confirmation must be one of {EMAIL_CONFIRMATIONS}")
+        if user_type != "human" and user_type not in BOT_USER_TYPES:
+            raise ValueError(f"unknown user_type {user_type!r}")
         if id in self._users:
             raise ValueError(f"user id {id} already exists")
         if self._find_user(username) is not None:
@@ -426,6 +489,10 @@ class FakeGitLab:
             email=email if email is not None else f"{username}@example.com",
             state=state,
             public_email=public_email,
+            email_confirmation=email_confirmation,
+            password_expired=password_expired,
+            terms_accepted=terms_accepted,
+            user_type=user_type,
         )
         self._users[id] = user
         return user
@@ -797,7 +864,7 @@ class FakeGitLab:
         email: str | None = None
         verified: bool | None = None
         if "email" in scopes:
-            email, verified = user.email, True
+            email, verified = user.email, user.email_confirmation == "confirmed"  # primary_email_verified?
         elif user.public_email:
             email, verified = user.public_email, True
         return {
@@ -876,8 +943,10 @@ class FakeGitLab:
         problem = "unknown"
         if token is not None:
             problem = "revoked" if token.revoked else "expired" if token.expired(self.clock()) else ""
-            if not problem and self._users[token.user_id].state != "active":
-                problem = "unknown"  # GitLab looks the owner up with User.active: a blocked user is nobody
+            owner = self._users[token.user_id]
+            if not problem and (owner.state != "active" or owner.internal):
+                # GitLab looks the owner up with User.active (active state, not internal): nobody here.
+                problem = "unknown"
         if problem:
             header = _www_authenticate("Doorkeeper", "invalid_token", DOORKEEPER_TOKEN_ERRORS[problem])
             raise _ApiError(401, None, {"WWW-Authenticate": header})
@@ -886,7 +955,21 @@ class FakeGitLab:
             raise _ApiError(403, None)
         return token
 
-    def _api_user(self, token_value: str, allowed: tuple[str, ...]) -> FakeUser:
+    def _token_info(self, token_value: str) -> dict[str, object]:
+        """Doorkeeper's GET /oauth/token/info: whose token it is, whatever GitLab thinks of that user."""
+        token = self._tokens.get(token_value)
+        if token is None or token.revoked or token.expired(self.clock()):
+            description = DOORKEEPER_TOKEN_ERRORS["unknown" if token is None else
+                                                  "revoked" if token.revoked else "expired"]
+            header = _www_authenticate("Doorkeeper", "invalid_token", description)
+            raise _ApiError(401, {"error": "invalid_token", "error_description": description},
+                            {"WWW-Authenticate": header})
+        expires_in = token.created_at + ACCESS_TOKEN_LIFETIME - int(self.clock())
+        return {"resource_owner_id": token.user_id, "scope": list(token.scopes), "expires_in": expires_in,
+                "application": {"uid": token.client_id}, "created_at": token.created_at,
+                "expires_in_seconds": expires_in}
+
+    def _api_user(self, token_value: str, allowed: tuple[str, ...], gitlab_url: str = "") -> FakeUser:
         """GitLab's API authentication: 401, then insufficient scope, then a blocked account."""
         token = self._tokens.get(token_value)
         if token is None:
@@ -905,8 +988,9 @@ class FakeGitLab:
             }
             raise _ApiError(403, body, {"WWW-Authenticate": header})
         user = self._users[token.user_id]
-        if user.state != "active":
-            raise _ApiError(403, {"message": ACCOUNT_BLOCKED})
+        refusal = user.api_refusal(gitlab_url)
+        if refusal is not None:
+            raise _ApiError(403, {"message": refusal})
         return user
 
     def _user_entity(self, base: str, user: FakeUser) -> dict[str, object]:
@@ -926,9 +1010,9 @@ class FakeGitLab:
             "website_url": "",
             "organization": "",
             "job_title": "",
-            "bot": False,
+            "bot": user.user_type in BOT_USER_TYPES,
             "last_sign_in_at": created,
-            "confirmed_at": created,
+            "confirmed_at": created if user.email_confirmation == "confirmed" else None,
             "email": user.email,
             "theme_id": 1,
             "color_scheme_id": 1,
@@ -986,10 +1070,20 @@ def _redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location})
 
 
+# Styled like the gateway's own pages (gateway/web/pages.py), so the demo reads as one product.
+_STYLE = (
+    "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:44rem;margin:4rem auto;padding:0 1rem;color:#222}"
+    "h1{font-size:1.4rem}table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.4rem .6rem;"
+    "border-bottom:1px solid #ddd}button{padding:.4rem .9rem;background:#554488;color:#fff;border:0;"
+    "border-radius:4px;cursor:pointer}[role=alert]{color:#a00}.state{color:#777}</style>"
+)
+
+
 def _page(title: str, body: str, *, status: int = 200) -> web.Response:
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)} · GitLab</title></head>\n<body>\n{body}\n</body></html>\n"
+        '<meta name="viewport" content="width=device-width">'
+        f"<title>{html.escape(title)} · GitLab</title>{_STYLE}</head>\n<body>\n{body}\n</body></html>\n"
     )
     return web.Response(text=document, status=status, content_type="text/html")
 
@@ -1236,6 +1330,14 @@ async def _discovery(request: web.Request) -> web.Response:
     return web.json_response(fake._discovery(fake._base_url(request)))
 
 
+async def _token_info(request: web.Request) -> web.Response:
+    fake = _fake(request)
+    try:
+        return web.json_response(fake._token_info(_bearer(request, request.query)))
+    except _ApiError as error:
+        return error.response()
+
+
 async def _keys(request: web.Request) -> web.Response:
     return web.json_response(_fake(request)._jwks())
 
@@ -1246,7 +1348,7 @@ async def _keys(request: web.Request) -> web.Response:
 async def _api_user(request: web.Request) -> web.Response:
     fake = _fake(request)
     try:
-        user = fake._api_user(_bearer(request, request.query), USER_API_SCOPES)
+        user = fake._api_user(_bearer(request, request.query), USER_API_SCOPES, fake._base_url(request))
     except _ApiError as error:
         return error.response()
     return web.json_response(fake._user_entity(fake._base_url(request), user))
@@ -1349,7 +1451,7 @@ def _pagination_headers(
 async def _api_groups(request: web.Request) -> web.Response:
     fake = _fake(request)
     try:
-        user = fake._api_user(_bearer(request, request.query), GROUPS_API_SCOPES)
+        user = fake._api_user(_bearer(request, request.query), GROUPS_API_SCOPES, fake._base_url(request))
         query = _GroupQuery.parse(request.query)
     except _ApiError as error:
         return error.response()
@@ -1376,6 +1478,7 @@ def create_app(fake: FakeGitLab) -> web.Application:
         (f"{b}/oauth/authorize", "authorize", {"GET": _authorize, "POST": _authorize, "DELETE": _authorize}),
         (f"{b}/oauth/token", "token", {"POST": _token}),
         (f"{b}/oauth/revoke", "revoke", {"POST": _revoke}),
+        (f"{b}/oauth/token/info", "token_info", {"GET": _token_info}),
         (f"{b}/oauth/userinfo", "userinfo", {"GET": _userinfo, "POST": _userinfo}),
         (f"{b}/.well-known/openid-configuration", "discovery", {"GET": _discovery}),
         (f"{b}/oauth/discovery/keys", "keys", {"GET": _keys}),

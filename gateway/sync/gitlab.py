@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -24,7 +27,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from gateway.config import ConfigError, GitLabConfig
-from gateway.errors import GitLabUnavailable, InvalidState, SignInRefused
+from gateway.errors import GitLabRateLimited, GitLabUnavailable, InvalidState, SignInRefused
 
 log = logging.getLogger("gateway.gitlab")
 
@@ -36,6 +39,30 @@ CONNECT_TIMEOUT: Final = 5.0
 _BLOCKED_STATES: Final = frozenset({"blocked", "ldap_blocked", "blocked_pending_approval", "banned"})
 _SHORT_CODE = re.compile(r"[a-z_]{1,40}")
 _MISCONFIGURED: Final = "gitlab_misconfigured"
+MAX_RETRY_AFTER: Final = 3600  # a longer (or absurd) Retry-After is shown as an hour
+
+# Why GitLab's API refuses a user: its API guard answers 403 {"message": "403 Forbidden - <reason>"} with the
+# reason from Gitlab::Auth::UserAccessDeniedReason#rejection_message (lib/gitlab/auth/user_access_denied_reason.rb,
+# lib/api/api_guard.rb find_current_user!, lib/api/helpers.rb forbidden!). Matched on a stable fragment of
+# each reason, in GitLab's own order (a pending approval also says "blocked"); the user's page says what to do.
+# (fragment, code, message, advice)
+GITLAB_REFUSALS: Final = (
+    ("cannot be performed by internal users", "gitlab_internal_user",
+     "This GitLab account is an internal (bot) account, which cannot sign in to applications",
+     "Sign in with your personal GitLab account."),
+    ("pending approval", "gitlab_pending_approval", "Your GitLab account is waiting for an administrator's approval",
+     "Ask a GitLab administrator to approve your account, then sign in again."),
+    ("terms of service", "gitlab_terms", "You have not accepted GitLab's Terms of Service",
+     "Sign in to GitLab, accept its terms, then sign in here again."),
+    ("has been deactivated", "gitlab_deactivated", "Your GitLab account is deactivated",
+     "Sign in to GitLab in your browser, which reactivates it, then sign in here again."),
+    ("email address is not confirmed", "gitlab_email_unconfirmed", "Your GitLab email address is not confirmed",
+     "Follow the confirmation link GitLab emailed you (GitLab can send a new one), then sign in again."),
+    ("password expired", "gitlab_password_expired", "Your GitLab password has expired",
+     "Sign in to GitLab in your browser and choose a new password, then sign in here again."),
+    ("has been blocked", "blocked", "Your GitLab account is blocked",
+     "Ask a GitLab administrator to unblock your account, then sign in again."),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +72,8 @@ class GitLabUser:
     name: str
     email: str
     state: str
+    # GitLab's word on the email: userinfo's email_verified, or /api/v4/user's confirmed_at (SPEC §16).
+    email_verified: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +134,9 @@ class GitLabClient:
         self._cfg = cfg
         self._session = session
         self._on_request = on_request
+        # GitLab's discovery document, read once (SPEC §16): the issuer it announces and where browsers go.
+        self._issuer: str | None = cfg.issuer
+        self._authorize_endpoint: str | None = f"{cfg.issuer}/oauth/authorize" if cfg.issuer else None
 
     @staticmethod
     def make_session(cfg: GitLabConfig) -> aiohttp.ClientSession:
@@ -140,7 +172,39 @@ class GitLabClient:
         }
         if nonce is not None:
             params["nonce"] = nonce
-        return f"{self._cfg.url}/oauth/authorize?{urlencode(params, quote_via=quote)}"
+        # gitlab.url may be an address only the gateway reaches (in-cluster); browsers go where GitLab says.
+        endpoint = self._authorize_endpoint or f"{self._cfg.url}/oauth/authorize"
+        return f"{endpoint}?{urlencode(params, quote_via=quote)}"
+
+    @property
+    def browser_url(self) -> str:
+        """GitLab's address for people (its issuer once known, else gitlab.url): where they sign out."""
+        return self._issuer or self._cfg.url
+
+    async def issuer(self) -> str:
+        """The issuer GitLab announces (its external_url): `gitlab.issuer`, else discovery, fetched once."""
+        if self._issuer is None:
+            answer = await self._request("discovery", "GET", "/.well-known/openid-configuration")
+            body = _ok_json(answer)
+            issuer = body.get("issuer") if isinstance(body, dict) else None
+            endpoint = body.get("authorization_endpoint") if isinstance(body, dict) else None
+            if not _is_http_url(issuer) or not (endpoint is None or _is_http_url(endpoint)):
+                raise _shape(answer)
+            assert isinstance(issuer, str)
+            self._issuer = issuer.rstrip("/")
+            self._authorize_endpoint = endpoint if isinstance(endpoint, str) else f"{self._issuer}/oauth/authorize"
+        return self._issuer
+
+    async def token_owner(self, token: str) -> int | None:
+        """The GitLab user id a token belongs to (GET /oauth/token/info), even when GitLab refuses that user
+        everything else; None when GitLab does not say. Only used to name a refused user in the audit log."""
+        try:
+            answer = await self._request("token_info", "GET", "/oauth/token/info", token=token)
+            body = _json_object(answer) if answer.status == 200 else {}
+        except GitLabUnavailable:
+            return None
+        owner = body.get("resource_owner_id")
+        return owner if isinstance(owner, int) and not isinstance(owner, bool) else None
 
     async def exchange_code(self, code: str, *, code_verifier: str, redirect_uri: str) -> TokenResponse:
         """Trade the callback's code for tokens (HTTP Basic client authentication)."""
@@ -199,9 +263,12 @@ class GitLabClient:
                 or not isinstance(state, str) or not isinstance(name, str | None)
                 or not isinstance(email, str | None)):
             raise _shape(answer)
-        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state=state)
+        # confirmed_at is null for an unconfirmed address; GitLab versions without the field are taken at
+        # their word (they refused unconfirmed users outright).
+        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state=state,
+                          email_verified=body.get("confirmed_at", "") is not None)
         if user.state != "active":
-            raise _inactive(user.state)
+            raise _inactive(user.state, user)
         return user
 
     async def fetch_groups(self, token: str) -> tuple[GitLabGroup, ...]:
@@ -244,6 +311,16 @@ class GitLabClient:
 
     async def sign_in_data(self, token: str, *, need_groups: bool) -> SignInData:
         """Everything a sign-in needs from GitLab, from the configured source; all of it or an error."""
+        data = await self._sign_in_data(token, need_groups=need_groups)
+        if not data.user.email_verified and not self._cfg.allow_unverified_email:
+            # An unverified address may belong to someone else: the tool would trust it as the user's.
+            raise SignInRefused(
+                "Your GitLab email address is not verified", code="email_unverified",
+                advice="Confirm your email address in GitLab (GitLab emailed you a link), then sign in again.",
+                login=data.user.username, gitlab_id=data.user.id)
+        return data
+
+    async def _sign_in_data(self, token: str, *, need_groups: bool) -> SignInData:
         if self._cfg.groups_source == "userinfo":
             user, groups = await self._userinfo(token, need_groups=need_groups)
             return SignInData(user, groups)
@@ -276,7 +353,9 @@ class GitLabClient:
                 or not isinstance(name, str | None) or not isinstance(email, str | None)):
             raise _shape(answer)
         # GitLab issues no token to a blocked user, so a userinfo answer means an active account.
-        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state="active")
+        # email_verified comes with the email (GitLab omits both without the email scope and a public email).
+        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state="active",
+                          email_verified=body.get("email_verified") is not False)
         if not need_groups:
             return user, None
         claim = body.get("groups")
@@ -366,10 +445,8 @@ def _raise_for_status(answer: _Answer) -> None:
     if status == 200:
         return
     if status == 429:
-        retry = answer.headers.get("Retry-After", "").strip()
-        when = f"in {retry} seconds" if retry.isascii() and retry.isdigit() else "in a moment"
-        raise GitLabUnavailable(f"GitLab is rate limiting the gateway (HTTP 429 on {endpoint})",
-                                advice=f"GitLab asked us to slow down. Sign in again {when}.")
+        raise GitLabRateLimited(f"GitLab is rate limiting the gateway (HTTP 429 on {endpoint})",
+                                retry_after=retry_after(answer.headers.get("Retry-After", "")))
     if status == 401:
         # It was issued a moment ago: GitLab itself is confused, or the user was blocked meanwhile.
         raise GitLabUnavailable(f"GitLab rejected the access token it had just issued ({endpoint}, HTTP 401)")
@@ -381,11 +458,12 @@ def _raise_for_status(answer: _Answer) -> None:
                                     code=_MISCONFIGURED)
         message = body.get("message")
         message = message.lower() if isinstance(message, str) else ""
-        if "blocked" in message:
-            raise _inactive("blocked")
-        if "terms of service" in message:
-            raise SignInRefused("You have not accepted GitLab's Terms of Service", code="gitlab_terms",
-                                advice="Sign in to GitLab, accept its terms, then sign in here again.")
+        if message.startswith("403 forbidden - "):
+            # GitLab's API guard refusing this user (see GITLAB_REFUSALS): never "GitLab is unavailable".
+            code, text, advice = next(((c, m, a) for fragment, c, m, a in GITLAB_REFUSALS if fragment in message),
+                                      ("gitlab_refused", "GitLab refuses to let applications use your account",
+                                       "Sign in to GitLab in your browser to see why, then sign in here again."))
+            raise SignInRefused(text, code=code, advice=advice)
         raise GitLabUnavailable(f"GitLab refused the {endpoint} request (HTTP 403)")
     if 300 <= status < 400 or status == 404:
         raise GitLabUnavailable(f"GitLab answered HTTP {status} to the {endpoint} request: check gitlab.url",
@@ -405,13 +483,32 @@ def _shape(answer: _Answer) -> GitLabUnavailable:
     return GitLabUnavailable(f"GitLab's answer to the {answer.endpoint} request has an unexpected shape")
 
 
-def _inactive(state: str) -> SignInRefused:
+def _inactive(state: str, user: GitLabUser | None = None) -> SignInRefused:
     if state in _BLOCKED_STATES:
         message = "Your GitLab account is blocked"
     else:
         message = f"Your GitLab account is not active ({_short_code(state) or 'unknown state'})"
     return SignInRefused(message, code="blocked",
-                         advice="Ask a GitLab administrator to unblock your account, then sign in again.")
+                         advice="Ask a GitLab administrator to unblock your account, then sign in again.",
+                         login=user.username if user else None, gitlab_id=user.id if user else None)
+
+
+def retry_after(value: str) -> int | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110 10.2.3), capped."""
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return min(int(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0, min(math.ceil(when.timestamp() - time.time()), MAX_RETRY_AFTER))
+
+
+def _is_http_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://")) and len(value) < 2048
 
 
 def _group(item: object) -> GitLabGroup | None:

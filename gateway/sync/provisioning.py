@@ -102,7 +102,8 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
                                   advice="Nothing was changed. Sign in again in a moment.")
     except _Refusal as refusal:
         await _audit_refusal(pool, user, refusal)
-        raise SignInRefused(refusal.message, code=refusal.code, advice=refusal.advice) from None
+        raise SignInRefused(refusal.message, code=refusal.code, advice=refusal.advice, login=user.username,
+                            gitlab_id=user.id) from None
     except DB_UNAVAILABLE as exc:
         log.exception("provisioning failed", extra={"error": type(exc).__name__})
         raise DatabaseUnavailable() from None
@@ -110,6 +111,28 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
 
 async def _audit_refusal(pool: asyncpg.Pool, user: GitLabUser, refusal: _Refusal) -> None:
     await audit_refusal(pool, user.username, refusal.code, gitlab_id=user.id, **refusal.details)
+
+
+async def audit_gitlab_refusal(pool: asyncpg.Pool, refusal: SignInRefused) -> str:
+    """Audit a sign-in that GitLab itself refused (SPEC §16) and return who it was, as the audit names them.
+
+    GitLab does not say who a refused token belongs to beyond its user id, so the subject is the local login
+    of that GitLab user when there is one, else `gitlab-user:<id>`, else the username GitLab gave.
+    """
+    subject = refusal.login or ""
+    if refusal.gitlab_id is not None:
+        try:
+            async with pool.acquire() as conn:
+                known = await db_users.by_gitlab_id(conn, refusal.gitlab_id)
+        except DB_UNAVAILABLE:
+            known = None
+        subject = known.login if known is not None else subject or f"gitlab-user:{refusal.gitlab_id}"
+    subject = subject or "unknown GitLab user"
+    details: dict[str, object] = {"message": refusal.message}
+    if refusal.gitlab_id is not None:
+        details["gitlab_id"] = refusal.gitlab_id
+    await audit_refusal(pool, subject, refusal.code, **details)
+    return subject
 
 
 async def audit_refusal(pool: asyncpg.Pool, subject: str, reason: str, **details: object) -> None:

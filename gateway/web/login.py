@@ -11,6 +11,7 @@ import base64
 import hmac
 import json
 import logging
+import re
 import time
 from urllib.parse import quote
 
@@ -38,6 +39,7 @@ from gateway.web.pages import redirect
 log = logging.getLogger("gateway.login")
 
 STATE_TTL = 600  # seconds: SPEC §4, "a short-lived (10 min) signed cookie"
+_REFUSAL_CODE = re.compile(r"[a-z_]{1,40}")
 
 
 def _state_cookie_name(store: SessionStore, state: str) -> str:
@@ -51,8 +53,9 @@ def _safe_rd(request: web.Request) -> str:
                          allowed_domains=cfg.redirect_domains)  # with every upstream host (SPEC §13)
 
 
-def start_url(prefix: str, rd: str) -> str:
-    return f"{prefix}/start?rd={quote(rd, safe='')}"
+def start_url(prefix: str, rd: str, *, again: str | None = None) -> str:
+    """The sign-in link; `again` names the refusal a "Try again" follows, so a repeat can say so (SPEC §16)."""
+    return f"{prefix}/start?rd={quote(rd, safe='')}" + (f"&again={again}" if again else "")
 
 
 async def start(request: web.Request) -> web.Response:
@@ -63,10 +66,16 @@ async def start(request: web.Request) -> web.Response:
     state = random_token()
     verifier, challenge = pkce_pair()
     nonce = random_token() if "openid" in cfg.gitlab.scopes else None
-    sealed = store.fernet.encrypt(json.dumps({"state": state, "verifier": verifier, "nonce": nonce, "rd": rd})
-                                  .encode()).decode()
-    url = request.app[keys.GITLAB].authorize_url(state=state, code_challenge=challenge,
-                                                  redirect_uri=cfg.server.callback_url, nonce=nonce)
+    again = request.query.get("again", "")
+    state_data = {"state": state, "verifier": verifier, "nonce": nonce, "rd": rd,
+                  "again": again if _REFUSAL_CODE.fullmatch(again) else None}
+    sealed = store.fernet.encrypt(json.dumps(state_data).encode()).decode()
+    gitlab = request.app[keys.GITLAB]
+    if nonce is not None:
+        # Discovery names GitLab's external URL (where browsers go) and the issuer the ID token will carry.
+        await gitlab.issuer()
+    url = gitlab.authorize_url(state=state, code_challenge=challenge, redirect_uri=cfg.server.callback_url,
+                               nonce=nonce)
     response = redirect(url)
     response.set_cookie(_state_cookie_name(store, state), sealed, max_age=STATE_TTL, path=cfg.server.prefix,
                         secure=cfg.cookie_secure, httponly=True, samesite="Lax")
@@ -116,9 +125,11 @@ async def callback(request: web.Request) -> web.Response:
     store = request.app[keys.SESSIONS]
     metrics = request.app[keys.METRICS]
     prefix = cfg.server.prefix
+    gitlab = request.app[keys.GITLAB]
+    rd, again = "/", None
     try:
         data = _open_state(request, store)
-        rd = str(data.get("rd") or "/")
+        rd, again = str(data.get("rd") or "/"), data.get("again")
         retry = start_url(prefix, rd)
         error = request.query.get("error")
         if error == "access_denied":
@@ -129,18 +140,21 @@ async def callback(request: web.Request) -> web.Response:
         code = request.query.get("code")
         if not code:
             raise InvalidState("GitLab's answer carries no authorization code", retry_url=retry)
-        gitlab = request.app[keys.GITLAB]
+        token = None
         try:
             token = await gitlab.exchange_code(code, code_verifier=str(data["verifier"]),
                                                redirect_uri=cfg.server.callback_url)
             if data.get("nonce"):
                 check_id_token(token.id_token, nonce=str(data["nonce"]), client_id=cfg.gitlab.client_id,
-                               issuer=cfg.gitlab.url)
+                               issuer=await gitlab.issuer())
             need_groups = cfg.provisioning.sync_groups or bool(cfg.provisioning.allowed_groups)
             fetched = await gitlab.sign_in_data(token.access_token, need_groups=need_groups)
         except SignInRefused as err:
-            # GitLab itself refused (a blocked account, unaccepted terms): audited like every §5 refusal.
-            await provisioning.audit_refusal(request.app[keys.POOL], "", err.code, message=err.message)
+            # GitLab itself refused (a blocked account, unaccepted terms, an unverified email): audited like
+            # every §5 refusal, naming the user GitLab's token belongs to.
+            if err.gitlab_id is None and token is not None:
+                err.gitlab_id = await gitlab.token_owner(token.access_token)
+            err.login = await provisioning.audit_gitlab_refusal(request.app[keys.POOL], err)
             err.retry_url = err.retry_url or retry
             raise
         except GatewayError as err:
@@ -163,8 +177,11 @@ async def callback(request: web.Request) -> web.Response:
         await gitlab.revoke(token.access_token)
     except GatewayError as err:
         err.retry_url = err.retry_url or start_url(prefix, "/")
+        login = err.login if isinstance(err, SignInRefused) else None
+        if err.status == 403:
+            _way_out(err, gitlab.browser_url, start_url(prefix, rd, again=err.code), repeated=again == err.code)
         metrics.login(err.code)
-        log.info("sign-in failed", extra={"reason": err.code, "status": err.status})
+        log.info("sign-in failed", extra={"reason": err.code, "status": err.status, "user": login})
         raise
     sid = result.session_id
     previous = store.request_ref(request)
@@ -186,6 +203,18 @@ async def callback(request: web.Request) -> web.Response:
     log.info("signed in", extra={"user": result.user.login, "new_user": result.created,
                                  "added": list(result.added), "removed": list(result.removed)})
     return response
+
+
+def _way_out(err: GatewayError, gitlab_url: str, retry: str, *, repeated: bool) -> None:
+    """SPEC §16: a refused user can leave the loop. GitLab signs the browser straight back in as the same
+    account, so the page points to GitLab to sign out first; and a "Try again" that meets the same refusal
+    says so instead of showing the very same page."""
+    err.switch_account_url = f"{gitlab_url}/"
+    err.retry_url = retry
+    if repeated:
+        err.message = f"Same answer as before: {err.message}"
+        err.advice = (f"{err.advice} GitLab signed you in with the same account again; to use another one, "
+                      "sign out of GitLab first.")
 
 
 async def sign_out(request: web.Request) -> web.Response:

@@ -20,7 +20,7 @@ _PAGE = """<!doctype html>
 <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#222}}
 h1{{font-size:1.4rem}} .code{{color:#777;font-size:.85rem}} a.button{{display:inline-block;padding:.5rem 1rem;
 background:#554488;color:#fff;border-radius:4px;text-decoration:none}}</style></head>
-<body><h1 id="title">{title}</h1><p id="message">{message}</p><p id="advice">{advice}</p>{link}
+<body><h1 id="title">{title}</h1><p id="message">{message}</p><p id="advice">{advice}</p>{switch}{link}
 <p class="code">Error {status} · {code}{request_id}</p></body></html>
 """
 
@@ -35,6 +35,8 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
     headers = dict(NO_STORE)
     if err.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
     if json_only or not wants_html(request):
         body = {"error": err.code, "message": err.message, **(err.details or {})}
         return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
@@ -43,9 +45,14 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
     if err.retry_url:
         link = (f'<p><a class="button" id="retry" href="{html.escape(err.retry_url)}">'
                 f'{html.escape(err.retry_label)}</a></p>')
+    switch = ""
+    if err.switch_account_url:
+        # GitLab signs the user straight back in as the same account: the way out is to sign out there first.
+        switch = (f'<p id="switch-account">To use another GitLab account, <a id="gitlab-sign-out" href="'
+                  f'{html.escape(err.switch_account_url)}">open GitLab</a>, sign out there, then choose Try again.</p>')
     page = _PAGE.format(
         title=html.escape(err.title), message=html.escape(err.message), advice=html.escape(err.advice),
-        link=link, status=err.status, code=html.escape(err.code),
+        switch=switch, link=link, status=err.status, code=html.escape(err.code),
         request_id=f" · request {html.escape(request_id)}" if request_id else "",
     )
     return web.Response(status=err.status, text=page, content_type="text/html", headers=headers)
