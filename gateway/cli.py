@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gateway.config import Config, ConfigError, default_config_path, load_config
+from gateway.config import Config, ConfigError, default_config_path, load_config, placeholder_warnings
 from gateway.errors import GatewayError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -29,6 +29,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    for warning in placeholder_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{args.config or default_config_path()}: ok (public {cfg.server.public_url}, "
           f"upstream {cfg.upstream.url}, gitlab {cfg.gitlab.url})")
     from gateway.admin.policy_check import policy_warnings
@@ -71,6 +73,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import demo
 
+    if args.config:
+        # The demo builds its own configuration; a -c that is silently ignored misleads (SPEC §8).
+        problem = "does not exist" if not Path(args.config).exists() else "would be ignored"
+        raise UsageError(f"demo: {args.config} {problem}: `gateway demo` runs with its own built-in "
+                         "configuration; use `gateway run -c FILE` to run with yours")
     code: int = demo.main(args)
     return code
 
@@ -78,6 +85,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="GitLab sign-in gateway")
     parser.add_argument("-c", "--config", help="configuration file (default: $GATEWAY_CONFIG or ./gateway.yaml)")
+    # Also accepted after the admin sub-commands (`gateway groups list --json`); set on either side it holds.
+    parser.add_argument("--json", action="store_true", help="admin commands: print JSON (the admin API's shapes)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

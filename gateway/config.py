@@ -673,6 +673,39 @@ def _cross_checks(cfg: Config, data: dict[str, Any], p: _Problems) -> None:
                   "with, or headers.assertion_keys_file")
 
 
+# Values copied from gateway.example.yaml or the deploy/ examples that were never filled in. Matched
+# case-insensitively; the example's hosts are RFC 2606's reserved names, which no real service uses.
+_PLACEHOLDERS = re.compile(r"your-application-id|your-gitlab-group|replace-|replace_me|change-?me", re.IGNORECASE)
+_EXAMPLE_HOST = re.compile(r"(?:^|\.)example(?:\.(?:com|org|net))?$|\.example$")
+
+
+def placeholder_warnings(cfg: Config) -> list[str]:
+    """Keys still holding an example's placeholder (SPEC §16): warnings for check-config, never errors.
+
+    Secret values are never echoed: only the key (and an example host name) is named.
+    """
+    found: list[str] = []
+    for section in cfg.__dataclass_fields__:
+        values = getattr(cfg, section)
+        for key in values.__dataclass_fields__:
+            value = getattr(values, key)
+            texts = [getattr(v, "token", v) for v in (value if isinstance(value, tuple) else (value,))]
+            problem = next(filter(None, (_placeholder(t) for t in texts if isinstance(t, str))), None)
+            if problem:
+                found.append(f"{section}.{key}: {problem}")
+    return found
+
+
+def _placeholder(text: str) -> str | None:
+    if _PLACEHOLDERS.search(text):
+        return "still holds a placeholder from the example; put your own value"
+    parts = _split_url(text) if "://" in text else None
+    host = (parts.hostname or "") if parts is not None else ""
+    if host and _EXAMPLE_HOST.search(host):
+        return f"{host} is an example host name (RFC 2606); put your own"
+    return None
+
+
 def default_config_path() -> Path:
     return Path(os.environ.get("GATEWAY_CONFIG", "gateway.yaml"))
 

@@ -83,11 +83,17 @@ def _query_bool(request: web.Request, name: str) -> bool | None:
     return value
 
 
-def _group_id(request: web.Request) -> int:
+async def _group_id(request: web.Request) -> int:
+    """The group a path names: its numeric id, or its URL-encoded name (`/groups/acme%2Fplatform`), as the
+    CLI takes names. A name made only of digits is read as an id."""
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > MAX_ID_DIGITS:
-        raise NotFound(f"No group with id {raw}")
-    return int(raw)
+    if raw.isdigit():
+        if len(raw) > MAX_ID_DIGITS:
+            raise NotFound(f"No group with id {raw}")
+        return int(raw)
+    if not raw.isprintable() or any("\ud800" <= c <= "\udfff" for c in raw):
+        raise NotFound("No group has such a name")  # PostgreSQL text cannot hold them: no group does
+    return (await groups.find_group(request.app[keys.POOL], raw)).id
 
 
 def _page_args(request: web.Request) -> dict[str, Any]:
@@ -109,11 +115,11 @@ async def create_group(request: web.Request) -> web.Response:
 
 
 async def get_group(request: web.Request) -> web.Response:
-    return _json(shapes.group(await groups.get_group(request.app[keys.POOL], _group_id(request))))
+    return _json(shapes.group(await groups.get_group(request.app[keys.POOL], await _group_id(request))))
 
 
 async def update_group(request: web.Request) -> web.Response:
-    group_id = _group_id(request)
+    group_id = await _group_id(request)
     body = await _body(request, {}, {"name": str, "description": str})
     if body.get("name") is None and body.get("description") is None:
         raise Unprocessable("Nothing to change: send 'name' and/or 'description'")
@@ -123,24 +129,24 @@ async def update_group(request: web.Request) -> web.Response:
 
 
 async def delete_group(request: web.Request) -> web.Response:
-    await groups.delete_group(request.app[keys.POOL], _group_id(request), actor=request[ADMIN_ACTOR])
+    await groups.delete_group(request.app[keys.POOL], await _group_id(request), actor=request[ADMIN_ACTOR])
     return _no_content()
 
 
 async def list_members(request: web.Request) -> web.Response:
-    page = await groups.list_members(request.app[keys.POOL], _group_id(request), **_page_args(request))
+    page = await groups.list_members(request.app[keys.POOL], await _group_id(request), **_page_args(request))
     return _json(shapes.page(page, shapes.member))
 
 
 async def add_member(request: web.Request) -> web.Response:
-    group_id = _group_id(request)
+    group_id = await _group_id(request)
     body = await _body(request, {"login": str})
     member = await groups.add_member(request.app[keys.POOL], group_id, body["login"], actor=request[ADMIN_ACTOR])
     return _json(shapes.member(member), 201, location=f"{API}/groups/{group_id}/members/{member.login}")
 
 
 async def remove_member(request: web.Request) -> web.Response:
-    await groups.remove_member(request.app[keys.POOL], _group_id(request), request.match_info["login"],
+    await groups.remove_member(request.app[keys.POOL], await _group_id(request), request.match_info["login"],
                                actor=request[ADMIN_ACTOR])
     return _no_content()
 

@@ -255,7 +255,8 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     def leaf(actions: Any, name: str, action: Action, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=help_text, description=help_text)
         p.add_argument("-c", "--config", dest="config", default=argparse.SUPPRESS, help="configuration file")
-        p.add_argument("--json", action="store_true", help="print JSON (the admin API's shapes) instead of text")
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON (the admin API's shapes) instead of text")
         p.set_defaults(func=command(action))
         return p
 
