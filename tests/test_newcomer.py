@@ -74,12 +74,17 @@ async def test_admin_api_addresses_groups_by_id_or_url_encoded_name(gateway_fact
 
 
 def test_demo_with_a_config_file_is_an_error(tmp_path: Path) -> None:
+    # A subprocess with a time limit: were -c accepted, the demo would start and run until stopped.
+    def demo(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *argv], capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path)
+
     for given in (tmp_path / "missing.yaml", ROOT / "gateway.example.yaml"):
-        code, out, err = run_cli(["demo", "-c", str(given)])
-        assert code == 2 and out == ""
-        assert str(given) in err and err.startswith("gateway: ") and err.count("\n") == 1
-    code, _, err = run_cli(["-c", str(tmp_path / "missing.yaml"), "demo"])
-    assert code == 2 and "missing.yaml does not exist" in err
+        done = demo("demo", "--port", "1", "-c", str(given))
+        assert done.returncode == 2 and done.stdout == ""
+        assert str(given) in done.stderr and done.stderr.startswith("gateway: ") and done.stderr.count("\n") == 1
+    done = demo("-c", "missing.yaml", "demo", "--port", "1")
+    assert done.returncode == 2 and "missing.yaml does not exist" in done.stderr
 
 
 @pytest.fixture
