@@ -738,3 +738,67 @@ async def test_demo_seed_and_serve_on_a_real_socket() -> None:
             assert await resp.text() == "GitLab OK"
     finally:
         await runner.cleanup()
+
+
+# ------------------------------------------------------------------ why GitLab refuses a user (SPEC §16)
+
+# Word for word GitLab's Gitlab::Auth::UserAccessDeniedReason#rejection_message, behind lib/api/helpers.rb's
+# "403 Forbidden - " (lib/api/api_guard.rb find_current_user!); {url} is GitLab's URL, {user} the username.
+API_REFUSALS = [
+    ({"state": "blocked"}, "Your account has been blocked."),
+    ({"state": "ldap_blocked"}, "Your account has been blocked."),
+    ({"state": "banned"}, "Your account has been blocked."),
+    ({"state": "blocked_pending_approval"},
+     "Your account is pending approval from your administrator and hence blocked."),
+    ({"state": "deactivated"}, "Your account has been deactivated by your administrator. Please log back in from "
+                               "a web browser to reactivate your account at {url}"),
+    ({"email_confirmation": "required"},
+     "Your primary email address is not confirmed. Please check your inbox for the confirmation instructions. "
+     "In case the link is expired, you can request a new confirmation email at {url}/users/confirmation/new"),
+    ({"password_expired": True},
+     "Your password expired. Please access GitLab from a web browser to update your password."),
+    ({"terms_accepted": False}, "You (@{user}) must accept the Terms of Service in order to perform this action. "
+                                "To accept these terms, please access GitLab from a web browser at {url}."),
+    ({"user_type": "alert_bot"}, "This action cannot be performed by internal users"),
+    # GitLab's order: internal first, then pending approval, terms, deactivated, unconfirmed, blocked, password.
+    ({"user_type": "support_bot", "state": "blocked"}, "This action cannot be performed by internal users"),
+    ({"state": "deactivated", "terms_accepted": False}, "You (@{user}) must accept the Terms of Service in order "
+     "to perform this action. To accept these terms, please access GitLab from a web browser at {url}."),
+    ({"state": "blocked", "password_expired": True}, "Your account has been blocked."),
+]
+
+
+@pytest.mark.parametrize(("holds", "reason"), API_REFUSALS, ids=[str(h) for h, _ in API_REFUSALS])
+async def test_api_refuses_users_with_gitlabs_reason(fake_and_client: Any, holds: dict[str, Any],
+                                                     reason: str) -> None:
+    fake, client = fake_and_client
+    fake.add_user(50, "zoe", **holds)
+    body = await tokens(client, "zoe", scope="openid email read_user read_api")
+    url = str(client.make_url("")).rstrip("/")
+    for path in ("/api/v4/user", "/api/v4/groups?min_access_level=10"):
+        resp = await client.get(path, headers=bearer(body["access_token"]))
+        assert (resp.status, await resp.json()) == (
+            403, {"message": "403 Forbidden - " + reason.format(url=url, user="zoe")})
+    # Doorkeeper still says whose token it is.
+    info = await client.get("/oauth/token/info", headers=bearer(body["access_token"]))
+    assert info.status == 200 and (await info.json())["resource_owner_id"] == 50
+    # userinfo finds the owner with User.active (active state, not internal): nobody for these.
+    userinfo = await client.get("/oauth/userinfo", headers=bearer(body["access_token"]))
+    inactive = holds.get("state", "active") != "active" or "user_type" in holds
+    assert userinfo.status == (401 if inactive else 200)
+
+
+async def test_soft_email_confirmation_lets_the_user_in_unverified(fake_and_client: Any) -> None:
+    fake, client = fake_and_client
+    fake.add_user(50, "zoe", email_confirmation="pending")
+    body = await tokens(client, "zoe", scope="openid email read_user")
+    user = await (await client.get("/api/v4/user", headers=bearer(body["access_token"]))).json()
+    assert user["confirmed_at"] is None
+    claims = await (await client.get("/oauth/userinfo", headers=bearer(body["access_token"]))).json()
+    assert claims["email_verified"] is False and claims["email"] == "zoe@example.com"
+
+
+async def test_token_info_of_an_unknown_token_is_401(fake_and_client: Any) -> None:
+    _, client = fake_and_client
+    resp = await client.get("/oauth/token/info", headers=bearer("nope"))
+    assert resp.status == 401 and (await resp.json())["error"] == "invalid_token"
