@@ -5,8 +5,6 @@ the stand-in's pages styled like the gateway's, and the README documenting what 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import re
 import subprocess
@@ -16,22 +14,10 @@ from typing import Any
 
 import pytest
 from test_admin_api import call
+from test_admin_cli import _run as run_cli
 from yarl import URL
 
-from gateway import cli
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code: Any = None
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main(argv)
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 async def test_json_before_the_sub_command(write_config: Any) -> None:
