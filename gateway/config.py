@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -682,18 +683,27 @@ _EXAMPLE_HOST = re.compile(r"(?:^|\.)example(?:\.(?:com|org|net))?$|\.example$")
 def placeholder_warnings(cfg: Config) -> list[str]:
     """Keys still holding an example's placeholder (SPEC §16): warnings for check-config, never errors.
 
-    Secret values are never echoed: only the key (and an example host name) is named.
+    One line per key, naming it with its path; secret values are never echoed (only an example host name).
     """
-    found: list[str] = []
-    for section in cfg.__dataclass_fields__:
-        values = getattr(cfg, section)
-        for key in values.__dataclass_fields__:
-            value = getattr(values, key)
-            texts = [getattr(v, "token", v) for v in (value if isinstance(value, tuple) else (value,))]
-            problem = next(filter(None, (_placeholder(t) for t in texts if isinstance(t, str))), None)
-            if problem:
-                found.append(f"{section}.{key}: {problem}")
-    return found
+    found: dict[str, str] = {}
+    for path, text in _strings(cfg, ""):
+        problem = _placeholder(text)
+        key = re.sub(r"\[\d+\](\.token)?$", "", path)  # admin.tokens[0].token -> admin.tokens
+        if problem and key not in found:
+            found[key] = f"{key}: {problem}"
+    return list(found.values())
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string in the configuration tree with its key path (`upstreams[1].url`)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for name in (f.name for f in dataclasses.fields(value)):
+            yield from _strings(getattr(value, name), f"{path}.{name}" if path else name)
 
 
 def _placeholder(text: str) -> str | None:
