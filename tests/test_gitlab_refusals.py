@@ -74,6 +74,21 @@ async def test_a_known_user_refused_by_gitlab_is_audited_under_their_login(gatew
     assert refused == [("ann", "gitlab_deactivated")]
 
 
+@pytest.mark.parametrize("holds", [{"state": "blocked"}, {"state": "deactivated"}, {"user_type": "alert_bot"}],
+                         ids=["blocked", "deactivated", "internal"])
+async def test_userinfo_mode_inactive_users_are_refused_not_unavailable(gateway_factory: Any, db: asyncpg.Pool,
+                                                                         holds: dict[str, Any]) -> None:
+    # GitLab's userinfo answers 401 for them (User.active finds nobody) while the token itself is valid.
+    gw: Gateway = await gateway_factory(gitlab={"groups_source": "userinfo"})
+    gw.fake.add_user(10, "ann", **holds)
+    async with gw.browser() as b:
+        r = await b.sign_in("ann", expect_status=403)
+        body = page_text(await r.text())
+    assert "Error 403 · gitlab_inactive" in body and "not active" in body and 'id="switch-account"' in body
+    assert [(s, d["reason"]) for a, s, d in await audit_actions(db) if a == "sign_in.refused"] == [
+        ("gitlab-user:10", "gitlab_inactive")]
+
+
 async def test_userinfo_mode_refusals_name_the_user_too(gateway_factory: Any, db: asyncpg.Pool) -> None:
     gw: Gateway = await gateway_factory(gitlab={"groups_source": "userinfo"})
     gw.fake.add_user(10, "ann", email_confirmation="pending")

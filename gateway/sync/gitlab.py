@@ -342,6 +342,14 @@ class GitLabClient:
         if answer.status == 403 and not answer.body.strip():
             raise GitLabUnavailable("GitLab refused the userinfo request: gitlab.scopes must include openid",
                                     code=_MISCONFIGURED)
+        if answer.status == 401 and (owner := await self.token_owner(token)) is not None:
+            # The token it just issued is valid (token/info names its owner), yet userinfo finds nobody:
+            # GitLab looks the owner up among active, non-internal users (User.active), and this one is not.
+            raise SignInRefused(
+                "Your GitLab account is not active: it is blocked, deactivated or an internal account",
+                code="gitlab_inactive", gitlab_id=owner,
+                advice="Sign in to GitLab in your browser to see why (signing in reactivates a deactivated "
+                       "account), or ask a GitLab administrator; then sign in here again.")
         body = _ok_json(answer)
         if not isinstance(body, dict):
             raise _shape(answer)
