@@ -146,3 +146,22 @@ def test_demo_in_a_browser(driver, demo_state_dir: Path, demo_port: int) -> None
         assert "Error 403" in page, page
         assert driver.current_url.startswith(f"{info.url}oauth2/callback"), driver.current_url
         shot("05-carol-refused")
+
+        # 6. "Try again" while GitLab still has carol signed in: the same refusal, and the page says so.
+        assert "To use another GitLab account" in page, page
+        driver.find_element(By.ID, "retry").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "message"), "Same answer as before"))
+        shot("06-carol-same-answer")
+
+        # 7. The way out (SPEC §16): the page's link to GitLab, sign out there, then sign in as alice.
+        driver.find_element(By.ID, "gitlab-sign-out").click()
+        wait.until(ec.presence_of_element_located((By.ID, "sign-out")))
+        assert driver.current_url == f"{info.gitlab_url}/", driver.current_url
+        driver.find_element(By.ID, "sign-out").click()
+        wait.until(ec.presence_of_element_located((By.ID, "sign-in-alice")))
+        driver.get(info.url)
+        wait.until(ec.presence_of_element_located((By.ID, "sign-in-alice")))
+        driver.find_element(By.ID, "sign-in-alice").click()
+        wait.until(ec.presence_of_element_located((By.ID, "whoami")))
+        assert text("user") == "alice"
+        shot("07-alice-after-carol")

@@ -299,6 +299,7 @@ gateway demo is running.
   Open the tool:   {info.url}
   You land on the GitLab stand-in's sign-in page; pick who you are:
 {users}
+  A refused user's page links to the stand-in: sign out there, then "Try again" as someone else.
 
   Admin API:       {info.admin_url}/api/v1   token: {info.admin_token}
                    curl -H 'Authorization: Bearer {info.admin_token}' {info.admin_url}/api/v1/users
