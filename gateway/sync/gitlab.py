@@ -464,14 +464,9 @@ def _raise_for_status(answer: _Answer) -> None:
             raise GitLabUnavailable(f"The access token lacks a scope the {endpoint} request needs: check "
                                     "gitlab.scopes (read_user and read_api for groups_source api)",
                                     code=_MISCONFIGURED)
-        message = body.get("message")
-        message = message.lower() if isinstance(message, str) else ""
-        if message.startswith("403 forbidden - "):
-            # GitLab's API guard refusing this user (see GITLAB_REFUSALS): never "GitLab is unavailable".
-            code, text, advice = next(((c, m, a) for fragment, c, m, a in GITLAB_REFUSALS if fragment in message),
-                                      ("gitlab_refused", "GitLab refuses to let applications use your account",
-                                       "Sign in to GitLab in your browser to see why, then sign in here again."))
-            raise SignInRefused(text, code=code, advice=advice)
+        refusal = gitlab_refusal(body.get("message"))
+        if refusal is not None:
+            raise refusal
         raise GitLabUnavailable(f"GitLab refused the {endpoint} request (HTTP 403)")
     if 300 <= status < 400 or status == 404:
         raise GitLabUnavailable(f"GitLab answered HTTP {status} to the {endpoint} request: check gitlab.url",
@@ -499,6 +494,19 @@ def _inactive(state: str, user: GitLabUser | None = None) -> SignInRefused:
     return SignInRefused(message, code="blocked",
                          advice="Ask a GitLab administrator to unblock your account, then sign in again.",
                          login=user.username if user else None, gitlab_id=user.id if user else None)
+
+
+def gitlab_refusal(message: object) -> SignInRefused | None:
+    """What the message of a GitLab API 403 means for the user: GitLab's API guard refusing them
+    ("403 Forbidden - <reason>", see GITLAB_REFUSALS) is a refusal, never "GitLab is unavailable"; anything
+    else is None. GitLab's own words are not shown: they may name GitLab's URL or the user's handle."""
+    text = message.lower() if isinstance(message, str) else ""
+    if not text.startswith("403 forbidden - "):
+        return None
+    code, title, advice = next(((c, m, a) for fragment, c, m, a in GITLAB_REFUSALS if fragment in text),
+                               ("gitlab_refused", "GitLab refuses to let applications use your account",
+                                "Sign in to GitLab in your browser to see why, then sign in here again."))
+    return SignInRefused(title, code=code, advice=advice)
 
 
 def retry_after(value: str) -> int | None:
