@@ -687,6 +687,8 @@ def placeholder_warnings(cfg: Config) -> list[str]:
     """
     found: dict[str, str] = {}
     for path, text in _strings(cfg, ""):
+        if cfg.upstreams and path.startswith("upstream."):
+            continue  # `upstream` then only mirrors upstreams[0], which is reported under its own key
         problem = _placeholder(text)
         key = re.sub(r"\[\d+\](\.token)?$", "", path)  # admin.tokens[0].token -> admin.tokens
         if problem and key not in found:
@@ -702,8 +704,10 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
         for i, item in enumerate(value):
             yield from _strings(item, f"{path}[{i}]")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for name in (f.name for f in dataclasses.fields(value)):
-            yield from _strings(getattr(value, name), f"{path}.{name}" if path else name)
+        for f in dataclasses.fields(value):
+            # A field marked "inline" holds keys written at its parent's level (upstreams[0].url).
+            sub = path if f.metadata.get("inline") else f"{path}.{f.name}" if path else f.name
+            yield from _strings(getattr(value, f.name), sub)
 
 
 def _placeholder(text: str) -> str | None:

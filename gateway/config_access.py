@@ -28,7 +28,7 @@ _RULE_KEYS = ("match", "allowed_groups", "allowed_users", "public")
 class UpstreamRoute:
     """One entry of `upstreams:` (or the single `upstream:`, matching every request)."""
 
-    upstream: UpstreamConfig
+    upstream: UpstreamConfig = field(metadata={"inline": True})  # its keys sit beside match: in the YAML
     host: str | None = None  # lower-case; ".example.com" = that domain and its subdomains
     path_prefix: str | None = None
     strip_prefix: bool = False

@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.config import Config, ConfigError, build_config
+from gateway.config import Config, ConfigError, build_config, placeholder_warnings
 
 KEY = Fernet.generate_key().decode()
 BASE: dict[str, Any] = {"gitlab": {"client_id": "app-id", "client_secret": "app-secret"},
@@ -118,3 +118,11 @@ def test_key_files_may_hold_several_keys(tmp_path: Path):
 def test_a_bad_key_is_never_echoed():
     found = problems(headers={"assertion_keys": ["-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----"]})
     assert "c2VjcmV0" not in "\n".join(found)
+
+
+def test_placeholders_in_upstreams_are_named_by_their_own_key_path():
+    cfg = build(upstreams=[{"match": {"host": "a.corp"}, "url": "http://127.0.0.1:3000"},
+                           {"url": "http://tool.example.com:8080"}])
+    assert [w.split(":")[0] for w in placeholder_warnings(cfg)] == ["upstreams[1].url"]
+    cfg = build(upstreams=[{"url": "http://grafana.example.com"}])
+    assert [w.split(":")[0] for w in placeholder_warnings(cfg)] == ["upstreams[0].url"]
