@@ -174,6 +174,7 @@ async def test_the_403_page_and_json_name_who_would_pass(gateway_factory, db, to
     assert "Only members of the groups “ops” or “sre” can use this page." in page
     assert 'href="/oauth2/sign_out?rd=%2Foauth2%2Fstart%3Frd%3D%252Fteam%252Fplan%253Fx%253D1"' in page
     assert "Sign in with another account" in page
+    assert f'id="gitlab-sign-out" href="{gw.fake_url}/"' in page and "then choose Sign in with another account" in page
     status, body, _ = await call(gw, "/team/plan", cookie=bob)
     assert status == 403 and body == {
         "error": "forbidden", "message": "Only members of the groups “ops” or “sre” can use this page.",

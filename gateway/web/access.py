@@ -48,6 +48,7 @@ class Access:
     table: UpstreamTable
     headers: HeaderPolicy
     prefix: str
+    gitlab_url: str  # where the 403 page sends a user to switch GitLab accounts
     signer: Signer | None
     assertion_header: str | None
     needs_host: bool  # some upstream or rule names a host: only then is the Host read
@@ -56,7 +57,7 @@ class Access:
     def from_config(cls, cfg: Config, headers: HeaderPolicy) -> Access:
         policy = Policy.from_config(cfg.routes.public, cfg.routes.api, cfg.policy)
         table = UpstreamTable(cfg.routing)
-        return cls(policy, table, headers, cfg.server.prefix, make_signer(cfg), cfg.headers.assertion,
+        return cls(policy, table, headers, cfg.server.prefix, cfg.gitlab.url, make_signer(cfg), cfg.headers.assertion,
                    table.by_host or any(r.host for r in policy.rules))
 
     def host_of(self, request: web.BaseRequest) -> str | None:
@@ -100,7 +101,7 @@ def unknown_host() -> UnknownHost:
 def refuse(access: Access, request: web.Request, decision: Decision, raw_path: str) -> web.Response:
     """The answer to a request the policy did not allow (sign-in needed, or forbidden)."""
     if decision.outcome == "forbidden":
-        raise forbidden(access.prefix, decision, raw_path)
+        raise forbidden(access, decision, raw_path)
     if decision.api:
         return unauthenticated_json()  # JSON even for a browser: routes.api is for programs (SPEC §4)
     if wants_html(request):
@@ -127,17 +128,18 @@ def who_passes(decision: Decision) -> str:
     return " and ".join(parts) or "nobody"
 
 
-def forbidden(prefix: str, decision: Decision, raw_path: str) -> PolicyForbidden:
+def forbidden(access: Access, decision: Decision, raw_path: str) -> PolicyForbidden:
     """403 naming what would pass, with a way to sign in with another account; logged with the rule's key
     path so an operator can tell which rule refused (the access log line has the user and path)."""
     log.info("refused by policy", extra={"rule": decision.rule})
-    again = start_url(prefix, raw_path if raw_path.startswith("/") else "/")
+    again = start_url(access.prefix, raw_path if raw_path.startswith("/") else "/")
     err = PolicyForbidden(
         f"Only {who_passes(decision)} can use this page.",
-        advice="If you signed in with the wrong GitLab account, sign out of GitLab too, then sign in with "
-               "the other account. Otherwise ask an administrator to add you to one of these groups.",
-        retry_url=f"{prefix}/sign_out?rd={quote(again, safe='')}")
+        advice="Ask an administrator if you think you should have access.",
+        retry_url=f"{access.prefix}/sign_out?rd={quote(again, safe='')}")
     err.retry_label = "Sign in with another account"
+    # GitLab would sign the browser straight back in as the same account: sign out there first (SPEC §16).
+    err.switch_account_url = f"{access.gitlab_url}/"
     err.details = {"allowed_groups": list(decision.groups), "specific_users": decision.users}
     return err
 

@@ -37,7 +37,7 @@ async def auth(request: web.Request) -> web.Response:
     if decision.outcome == "sign_in":
         raise Unauthenticated()
     if decision.outcome == "forbidden":
-        raise forbidden(access.prefix, decision, uri or "/")
+        raise forbidden(access, decision, uri or "/")
     wanted = request.query.get("allowed_groups")
     if wanted is not None:
         if identity is None:

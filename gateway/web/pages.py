@@ -49,7 +49,8 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
     if err.switch_account_url:
         # GitLab signs the user straight back in as the same account: the way out is to sign out there first.
         switch = (f'<p id="switch-account">To use another GitLab account, <a id="gitlab-sign-out" href="'
-                  f'{html.escape(err.switch_account_url)}">open GitLab</a>, sign out there, then choose Try again.</p>')
+                  f'{html.escape(err.switch_account_url)}">open GitLab</a>, sign out there, then choose '
+                  f'{html.escape(err.retry_label)}.</p>')
     page = _PAGE.format(
         title=html.escape(err.title), message=html.escape(err.message), advice=html.escape(err.advice),
         switch=switch, link=link, status=err.status, code=html.escape(err.code),
