@@ -18,6 +18,7 @@ from gateway.access.headers import HeaderPolicy
 from gateway.access.routes import RouteTable
 from gateway.config import Config, ConfigError
 from gateway.db import DB_UNAVAILABLE
+from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
 from gateway.db import migrate as db_migrate
 from gateway.db import sessions as db_sessions
@@ -26,7 +27,8 @@ from gateway.errors import GatewayError, Unauthenticated
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore, running_listener
 from gateway.sync.gitlab import GitLabClient
-from gateway.web import access, auth_request, login
+from gateway.sync.resync import RUN_SCHEDULER, resync_ctx
+from gateway.web import access, auth_request, login, webhook
 from gateway.web.pages import NO_STORE, render
 
 log = logging.getLogger("gateway.app")
@@ -161,8 +163,10 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
     app[keys.ACCESS] = access.Access.from_config(cfg, app[keys.HEADER_POLICY])
     app[access.SIGNER] = app[keys.ACCESS].signer
-    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, proxy.upstream_ctx])
+    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, resync_ctx, proxy.upstream_ctx])
     p = cfg.server.prefix
+    if cfg.gitlab.webhook_secret:
+        app.router.add_post(f"{p}/gitlab/webhook", webhook.receive)
     app.router.add_get(f"{p}/start", login.start)
     app.router.add_get(f"{p}/callback", login.callback)
     app.router.add_route("GET", f"{p}/sign_out", login.sign_out)
@@ -202,6 +206,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
     with contextlib.suppress(*DB_UNAVAILABLE):
         async with request.app[keys.POOL].acquire(timeout=2) as conn:
             metrics.sessions_active = await db_sessions.count_active(conn)
+            metrics.resync_lag = await db_grants.lag(conn)
     response = web.Response(text=metrics.render(), headers={"Cache-Control": "no-store"})
     response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
     return response
@@ -242,7 +247,9 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
     app.middlewares.append(bearer_middleware)
     app[JSON_ERRORS] = True
     app[METRICS_SOURCE] = metrics_source or (lambda: app[keys.METRICS])
-    app.cleanup_ctx.append(database_ctx)
+    # The admin call `users/{login}/sync` re-checks through GitLab; the public app runs the scheduler loop.
+    app[RUN_SCHEDULER] = False
+    app.cleanup_ctx.extend([database_ctx, gitlab_ctx, resync_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

@@ -109,6 +109,7 @@ class GitLabConfig:
     # (SPEC §16); None = read from GitLab's discovery document when needed.
     issuer: str | None = None
     allow_unverified_email: bool = False
+    webhook_secret: str | None = field(default=None, repr=False)  # SPEC §11: None = no webhook endpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ class ProvisioningConfig:
     allowed_groups: tuple[str, ...] = ()
     default_group: str = "gateway-users"
     keep_manual_memberships: bool = False
+    resync_interval: float = 15 * 60.0  # SPEC §11; 0 = off (sign-in only, no GitLab token kept)
+    resync_grace: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +259,13 @@ def _duration(v: Any, path: str, p: _Problems) -> float | None:
     return seconds
 
 
+def _duration_or_off(v: Any, path: str, p: _Problems) -> float | None:
+    """A duration, or "0" (or 0) meaning off."""
+    if v in (0, "0") and not isinstance(v, bool):
+        return 0.0
+    return _duration(v, path, p)
+
+
 def _bool(v: Any, path: str, p: _Problems) -> bool | None:
     if not isinstance(v, bool):
         p.add(path, "must be true or false")
@@ -282,6 +292,15 @@ def _str(v: Any, path: str, p: _Problems) -> str | None:
 
 def _opt_str(v: Any, path: str, p: _Problems) -> str | None:
     return None if v is None else _str(v, path, p)
+
+
+def _opt_secret(v: Any, path: str, p: _Problems) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) < 16:
+        p.add(path, "must be a string of at least 16 characters (or null)")
+        return None
+    return v
 
 
 def _choice(*options: str) -> Callable[[Any, str, _Problems], str | None]:
@@ -484,11 +503,12 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
         "url": _http_url(allow_path=True), "client_id": _str, "client_secret": _str,
         "groups_source": _choice("api", "userinfo"), "scopes": lambda v, path, p: v, "ca_file": _opt_str,
         "timeout": _duration, "issuer": _opt_http_url,
-        "allow_unverified_email": _bool,
+        "allow_unverified_email": _bool, "webhook_secret": _opt_secret,
     }),
     "provisioning": (ProvisioningConfig, {
         "allow_signup": _bool, "sync_groups": _bool, "allowed_groups": _group_paths,
         "default_group": _str, "keep_manual_memberships": _bool,
+        "resync_interval": _duration_or_off, "resync_grace": _duration,
     }),
     "session": (SessionConfig, {
         "secrets": _fernet_keys, "cookie_name": _cookie_name, "lifetime": _duration, "secure": _bool,
@@ -513,6 +533,7 @@ _LIST_SECTIONS = ("upstreams", "policy")
 # line for the list-valued ones.
 _SECRET_FILES = {
     ("gitlab", "client_secret"): False,
+    ("gitlab", "webhook_secret"): False,
     ("session", "secrets"): True,
     ("admin", "tokens"): True,
     ("database", "dsn"): False,

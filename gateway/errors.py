@@ -14,7 +14,8 @@ for browsers or JSON for everything else, with the class's status. Nothing else 
     ├── GitLabUnavailable             502     gitlab_unavailable  (error, 5xx, timeout, partial listing)
     │   └── GitLabRateLimited         503     gitlab_rate_limited (GitLab answered 429: Retry-After is passed on)
     ├── UpstreamTimeout               504     gateway_timeout
-    └── DatabaseUnavailable           503     database_unavailable
+    ├── DatabaseUnavailable           503     database_unavailable
+    └── AccessUnconfirmed             503     access_unconfirmed  (§11: GitLab unreachable past resync_grace)
 """
 
 from __future__ import annotations
@@ -125,3 +126,9 @@ class UpstreamTimeout(GatewayError):
 class DatabaseUnavailable(GatewayError):
     status, code, title = 503, "database_unavailable", "The gateway's database is unavailable"
     advice = "Nothing was changed. Try again in a moment."
+
+
+class AccessUnconfirmed(GatewayError):
+    status, code, title = 503, "access_unconfirmed", "Cannot confirm your access with GitLab"
+    advice = ("GitLab has not answered the gateway's re-checks for a while. Your session resumes by itself "
+              "as soon as GitLab answers again; try again in a few minutes.")

@@ -20,6 +20,8 @@ class Identity:
     sid_hash: str = ""  # the assertion's `sid`: a hash of the session id, set by the session cache
     # Precomputed once per session-cache entry: the proxy sends it on every request (SPEC §4).
     groups_csv: str = field(init=False, repr=False, compare=False)
+    # SPEC §11: past this Unix time GitLab has not confirmed the user's access for too long (None: no limit).
+    sync_deadline: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.groups))

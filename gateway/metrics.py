@@ -21,6 +21,7 @@ COUNTERS = {
     "gateway_logins_total": "Sign-in attempts, by result (success or the refusal/error code).",
     "gateway_group_sync_changes_total": "Memberships added or removed by group sync, by op.",
     "gateway_gitlab_requests_total": "Requests made to GitLab, by endpoint and HTTP status code.",
+    "gateway_resync_total": "Re-checks of users with GitLab (SPEC §11), by result.",
 }
 HISTOGRAMS = {
     "gateway_request_duration_seconds": "Time to answer a request, in seconds.",
@@ -28,6 +29,7 @@ HISTOGRAMS = {
 }
 GAUGES = {
     "gateway_sessions_active": "Sessions neither revoked nor expired.",
+    "gateway_resync_lag_seconds": "How far past due the oldest due re-check is, in seconds.",
 }
 
 
@@ -53,6 +55,7 @@ class Metrics:
     counters: dict[str, dict[Labels, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     histograms: dict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
     sessions_active: int = 0
+    resync_lag: float = 0.0
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self.counters[name][tuple(sorted(labels.items()))] += value
@@ -125,6 +128,9 @@ class Metrics:
         lines.append(f"# HELP gateway_sessions_active {GAUGES['gateway_sessions_active']}")
         lines.append("# TYPE gateway_sessions_active gauge")
         lines.append(f"gateway_sessions_active {self.sessions_active}")
+        lines.append(f"# HELP gateway_resync_lag_seconds {GAUGES['gateway_resync_lag_seconds']}")
+        lines.append("# TYPE gateway_resync_lag_seconds gauge")
+        lines.append(f"gateway_resync_lag_seconds {self.resync_lag!r}")
         return "\n".join(lines) + "\n"
 
 

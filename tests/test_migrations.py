@@ -56,7 +56,7 @@ async def test_core_tables_and_columns(migrated):
         "SELECT data_type FROM information_schema.columns WHERE table_name = 'audit_events' AND column_name = 'details'"
     ) == "jsonb"
     versions = [r["version"] for r in await migrated.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
-    assert versions == ["0001_initial"]
+    assert versions == ["0001_initial", "0002_resync"]
 
 
 async def test_gitlab_id_is_unique(migrated):

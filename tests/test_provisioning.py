@@ -399,8 +399,9 @@ async def test_group_binding_by_gitlab_id(gateway_factory: Any, db: asyncpg.Pool
 
 
 async def test_group_renamed_at_gitlab_and_recreated_locally(gateway_factory: Any, db: asyncpg.Pool) -> None:
-    """acme (bound to GitLab id 1) is renamed acme-new at GitLab and an admin creates a local acme-new: the
-    GitLab group cannot be bound twice, so neither matches; sign-in still works and the audit says why."""
+    """acme (bound to GitLab id 1) is renamed acme-new at GitLab and an admin creates a local acme-new: SPEC §11,
+    acme still matches by id (its rename is refused as a conflict, audited), acme-new cannot be bound to the
+    same GitLab group; sign-in still works and the audit says why."""
     gw = await gateway_factory()
     seed_acme(gw)
     gw.fake.add_member("alice", "acme")
@@ -409,8 +410,10 @@ async def test_group_renamed_at_gitlab_and_recreated_locally(gateway_factory: An
     gw.fake.rename_group("acme", "acme-new")
     await add_local_groups(db, "acme-new")
     await sign_in(gw, "alice")
-    assert await groups_of(db, "alice") == {"gateway-users": "default"}
+    assert await groups_of(db, "alice") == {"gateway-users": "default", "acme": "sync"}
     assert await db.fetchval("SELECT gitlab_group_id FROM groups WHERE name = 'acme-new'") is None
+    conflict = [a for a in await audit_actions(db) if a[0] == "group.rename_conflict"]
+    assert conflict[-1][1] == "acme" and conflict[-1][2]["new_name"] == "acme-new"
     mismatch = [a for a in await audit_actions(db) if a[0] == "group.binding_mismatch"]
     assert mismatch[-1][1] == "acme-new" and mismatch[-1][2]["seen_gitlab_group_id"] == 1
 

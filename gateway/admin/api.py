@@ -17,6 +17,7 @@ from gateway import keys
 from gateway.app import ADMIN_ACTOR
 from gateway.errors import BadRequest, NotFound, Unprocessable
 from gateway.services import accounts, audit, groups, sessions, shapes
+from gateway.sync.resync import RESYNC
 from gateway.web.pages import NO_STORE
 
 API = "/api/v1"
@@ -171,6 +172,14 @@ async def get_user(request: web.Request) -> web.Response:
     return _json(shapes.user(await accounts.get_user(request.app[keys.POOL], request.match_info["login"])))
 
 
+async def sync_user(request: web.Request) -> web.Response:
+    """SPEC §11: re-check one user with GitLab now; 409 without a kept grant, 502 when GitLab fails."""
+    pool = request.app[keys.POOL]
+    login = request.match_info["login"]
+    await request.app[RESYNC].check_now(login)
+    return _json(shapes.user(await accounts.get_user(pool, login)))
+
+
 async def update_user(request: web.Request) -> web.Response:
     body = await _body(request, {"active": bool})
     pool = request.app[keys.POOL]
@@ -214,6 +223,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post(f"{API}/users", create_user)
     r.add_get(f"{API}/users/{{login}}", get_user)
     r.add_patch(f"{API}/users/{{login}}", update_user)
+    r.add_post(f"{API}/users/{{login}}/sync", sync_user)
     r.add_get(f"{API}/sessions", list_sessions)
     r.add_delete(f"{API}/sessions/{{id}}", revoke_session)
     r.add_get(f"{API}/audit", list_audit)

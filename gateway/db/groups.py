@@ -141,3 +141,40 @@ async def lock(conn: asyncpg.Connection, group_id: int) -> bool:
 async def member(conn: asyncpg.Connection, group_id: int, user_id: int) -> asyncpg.Record | None:
     """One membership with its user's login, name, email and active flag (the shape of `members`)."""
     return await conn.fetchrow(MEMBER, group_id, user_id)
+
+
+# ---- SPEC §11: bound groups follow renames; case mismatches are reported once --------------------------------
+
+BY_GITLAB_IDS = f"SELECT {COLUMNS} FROM groups g WHERE g.gitlab_group_id = ANY($1::bigint[]) ORDER BY g.id"
+RENAME = "UPDATE groups SET name = $2 WHERE id = $1 AND NOT builtin RETURNING id"
+# Local groups whose name equals one of the paths except for case (the paths are given lower-cased).
+CASE_MISMATCHES = """
+SELECT g.id, g.name FROM groups g
+WHERE lower(g.name) = ANY($1::text[]) AND NOT (g.name = ANY($2::text[])) ORDER BY g.id"""
+REMEMBER_CASE_MISMATCH = """
+INSERT INTO group_case_mismatches (group_id, gitlab_path) VALUES ($1, $2)
+ON CONFLICT DO NOTHING RETURNING group_id"""
+
+
+async def by_gitlab_ids(conn: asyncpg.Connection, gitlab_group_ids: list[int]) -> list[Group]:
+    return [Group.from_record(r) for r in await conn.fetch(BY_GITLAB_IDS, gitlab_group_ids)]
+
+
+async def by_gitlab_id(conn: asyncpg.Connection, gitlab_group_id: int) -> Group | None:
+    found = await by_gitlab_ids(conn, [gitlab_group_id])
+    return found[0] if found else None
+
+
+async def rename(conn: asyncpg.Connection, group_id: int, name: str) -> bool:
+    """Rename a (non-builtin) group; UniqueViolationError when the name is taken."""
+    return await conn.fetchval(RENAME, group_id, name) is not None
+
+
+async def case_mismatches(conn: asyncpg.Connection, paths: list[str]) -> list[tuple[int, str]]:
+    rows = await conn.fetch(CASE_MISMATCHES, [p.lower() for p in paths], paths)
+    return [(r["id"], r["name"]) for r in rows]
+
+
+async def remember_case_mismatch(conn: asyncpg.Connection, group_id: int, gitlab_path: str) -> bool:
+    """True the first time this (group, GitLab path) pair is seen."""
+    return await conn.fetchval(REMEMBER_CASE_MISMATCH, group_id, gitlab_path) is not None

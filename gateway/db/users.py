@@ -63,6 +63,8 @@ UPDATE sessions s SET last_seen_at = now()
 FROM users u
 WHERE s.id = $1 AND u.id = s.user_id AND s.revoked_at IS NULL AND s.expires_at > now() AND u.active
 RETURNING u.id, u.gitlab_id, u.login, u.email, EXTRACT(EPOCH FROM s.expires_at)::float8 AS expires_at,
+  (SELECT EXTRACT(EPOCH FROM gg.confirmed_at)::float8 FROM gitlab_grants gg
+   WHERE gg.user_id = u.id AND gg.refresh_token IS NOT NULL) AS confirmed_at,
   ARRAY(SELECT g.name FROM memberships m JOIN groups g ON g.id = m.group_id
         WHERE m.user_id = u.id ORDER BY g.name COLLATE "C") AS groups"""
 
@@ -184,3 +186,13 @@ async def groups_of(conn: asyncpg.Connection, user_ids: list[int]) -> dict[int, 
         for r in await conn.fetch(GROUPS_OF_USERS, user_ids):
             out[r["user_id"]].append((r["name"], r["source"]))
     return out
+
+
+MARK_SYNCED = f"UPDATE users SET last_sync_at = now() WHERE id = $1 RETURNING {SELECT_COLUMNS}"
+
+
+async def mark_synced(conn: asyncpg.Connection, user_id: int) -> User:
+    """Record a re-check (SPEC §11): last_sync_at moves, last_login_at does not."""
+    r = await conn.fetchrow(MARK_SYNCED, user_id)
+    assert r is not None
+    return User.from_record(r)

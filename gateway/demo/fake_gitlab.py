@@ -240,6 +240,8 @@ class _Token:
     created_at: int
     auth_time: int
     revoked: bool = False
+    grant_id: str = ""  # every token of one authorization, across refresh rotations
+    used: bool = False  # its refresh token was already exchanged (single use)
 
     def expired(self, now: float) -> bool:
         return self.created_at + ACCESS_TOKEN_LIFETIME <= now
@@ -249,6 +251,15 @@ class _Token:
 class _BrowserSession:
     user_id: int
     signed_in_at: int
+
+
+@dataclass(frozen=True)
+class _Hook:
+    """A system hook (group_id None) or a group webhook, with its secret token."""
+
+    url: str
+    token: str
+    group_id: int | None
 
 
 @dataclass
@@ -438,6 +449,11 @@ class FakeGitLab:
         self._refresh_tokens: dict[str, _Token] = {}
         self._sessions: dict[str, _BrowserSession] = {}
         self._failures: list[_FailureRule] = []
+        # token-endpoint refresh calls per presented refresh token: tests assert "never refreshed twice"
+        self.refresh_calls: dict[str, int] = {}
+        self._hooks: list[_Hook] = []
+        self.hook_deliveries: list[tuple[str, str, int]] = []  # (url, event_name, status; 0 = failed)
+        self._hook_tasks: set[asyncio.Task[None]] = set()
         self._keys = _shared_rsa_keys()
         self._secret_key_base = secrets.token_hex(32)
 
@@ -518,23 +534,50 @@ class FakeGitLab:
         """Make `user` a direct member of `group` (5 minimal ... 50 owner), replacing any prior level."""
         if access_level not in ACCESS_LEVELS:
             raise ValueError(f"access level must be one of {sorted(ACCESS_LEVELS)}")
-        self._members[(self.user(user).id, self.group(group).id)] = access_level
+        key = (self.user(user).id, self.group(group).id)
+        event = "user_update_for_group" if key in self._members else "user_add_to_group"
+        self._members[key] = access_level
+        self._emit_member(event, key, access_level)
 
     def remove_member(self, user: int | str, group: int | str) -> None:
         """Remove a direct membership; removing a missing one is a no-op."""
-        self._members.pop((self.user(user).id, self.group(group).id), None)
+        key = (self.user(user).id, self.group(group).id)
+        level = self._members.pop(key, None)
+        if level is not None:
+            self._emit_member("user_remove_from_group", key, level)
 
     def rename_group(self, group: int | str, new_path: str) -> None:
         """Change a group's path: the id stays, full_path of it and of all descendants change."""
         _check_slug(new_path)
         target = self.group(group)
         self._check_free_path(target.parent_id, new_path, exclude=target.id)
+        old_path, old_full_path = target.path, target.full_path
         target.path = new_path
         self._refresh_paths()
+        self._emit_group_rename(target, old_path, old_full_path)
+
+    def transfer_group(self, group: int | str, new_parent: int | str | None) -> None:
+        """Move a group under another parent (None: top level); the id stays, full paths change.
+
+        GitLab's system hooks have no transfer event: a transfer is announced as `group_rename` with the
+        old and new full path (doc/administration/system_hooks.md lists group_create/destroy/rename only).
+        """
+        target = self.group(group)
+        parent_id = self.group(new_parent).id if new_parent is not None else None
+        if parent_id is not None and (parent_id == target.id or target.id in self._ancestors(parent_id)):
+            raise ValueError("a group cannot move under itself")
+        self._check_free_path(parent_id, target.path, exclude=target.id)
+        old_full_path = target.full_path
+        target.parent_id = parent_id
+        self._refresh_paths()
+        self._emit_group_rename(target, target.path, old_full_path)
 
     def delete_group(self, group: int | str) -> None:
         """Delete a group, its descendants and every membership of them."""
-        root = self.group(group).id
+        root_group = self.group(group)
+        root = root_group.id
+        self._emit({"event_name": "group_destroy", "name": root_group.name, "path": root_group.path,
+                    "group_id": root}, group_id=None)
         doomed = self._descendants(root) | {root}
         for gid in doomed:
             del self._groups[gid]
@@ -550,7 +593,72 @@ class FakeGitLab:
         other = self._find_user(new_username)
         if other is not None and other.id != target.id:
             raise ValueError(f"username {new_username!r} is taken")
+        old = target.username
         target.username = new_username
+        self._emit({"event_name": "user_rename", "name": target.name, "email": target.email, "user_id": target.id,
+                    "username": new_username, "old_username": old}, group_id=None)
+
+    def revoke_authorizations(self, user: int | str, client_id: str | None = None) -> None:
+        """The user revokes the application in their GitLab settings: every token of it dies."""
+        uid = self.user(user).id
+        for token in self._tokens.values():
+            if token.user_id == uid and client_id in (None, token.client_id):
+                token.revoked = True
+
+    # ------------------------------------------------------------------ webhooks
+
+    def add_hook(self, url: str, token: str, *, group: int | str | None = None) -> None:
+        """Register a system hook (group=None) or a group webhook with member events, with its secret token."""
+        self._hooks.append(_Hook(url, token, self.group(group).id if group is not None else None))
+
+    async def hooks_delivered(self) -> None:
+        """Wait until every webhook posted so far has been answered."""
+        while self._hook_tasks:
+            await asyncio.gather(*list(self._hook_tasks), return_exceptions=True)
+
+    def _emit_member(self, event: str, key: tuple[int, int], level: int) -> None:
+        user, group = self._users[key[0]], self._groups[key[1]]
+        names = {5: "Minimal Access", 10: "Guest", 15: "Planner", 20: "Reporter", 30: "Developer",
+                 40: "Maintainer", 50: "Owner"}
+        self._emit({"event_name": event, "group_access": names[level], "group_id": group.id,
+                    "group_name": group.name, "group_path": group.path, "user_email": user.email,
+                    "user_name": user.name, "user_username": user.username, "user_id": user.id},
+                   group_id=group.id)
+
+    def _emit_group_rename(self, group: FakeGroup, old_path: str, old_full_path: str) -> None:
+        self._emit({"event_name": "group_rename", "name": group.name, "path": group.path,
+                    "full_path": group.full_path, "group_id": group.id, "old_path": old_path,
+                    "old_full_path": old_full_path}, group_id=None)
+
+    def _emit(self, payload: dict[str, object], *, group_id: int | None) -> None:
+        """Post `payload` to every system hook and, for member events, to the group's webhooks (GitLab
+        delivers them asynchronously, from Sidekiq: so does this)."""
+        if not self._hooks:
+            return
+        now = _timestamp(int(self.clock()))
+        body = {"created_at": now, "updated_at": now, **payload}
+        for hook in self._hooks:
+            if hook.group_id is None:
+                kind = "System Hook"
+            elif group_id is not None and (group_id == hook.group_id or hook.group_id in self._ancestors(group_id)):
+                kind = "Member Hook"
+            else:
+                continue
+            task = asyncio.get_running_loop().create_task(self._post_hook(hook, kind, body))
+            self._hook_tasks.add(task)
+            task.add_done_callback(self._hook_tasks.discard)
+
+    async def _post_hook(self, hook: _Hook, kind: str, body: dict[str, object]) -> None:
+        import aiohttp  # the stand-in is a server; only webhooks make it a client
+
+        status = 0
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, http.post(
+                    hook.url, json=body, headers={"X-Gitlab-Event": kind, "X-Gitlab-Token": hook.token}) as resp:
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError):
+            status = 0
+        self.hook_deliveries.append((hook.url, str(body["event_name"]), status))
 
     # ------------------------------------------------------------------ failure injection
 
@@ -821,7 +929,14 @@ class FakeGitLab:
         presented = params.get("refresh_token", "")
         if not presented:
             raise _OAuthError("invalid_request", "Missing required parameter: refresh_token.")
+        self.refresh_calls[presented] = self.refresh_calls.get(presented, 0) + 1
         old = self._refresh_tokens.get(presented)
+        if old is not None and old.used:
+            # A refresh token presented twice: it may have been stolen, so the whole grant is revoked
+            # (OAuth 2.0 Security BCP §4.14.2, refresh token rotation), and every later use fails.
+            for token in self._tokens.values():
+                if token.grant_id == old.grant_id:
+                    token.revoked = True
         if old is None or old.revoked or old.client_id != app.client_id:
             raise _OAuthError("invalid_grant", INVALID_GRANT)
         scopes = old.scopes
@@ -830,10 +945,13 @@ class FakeGitLab:
             if not set(scopes) <= set(old.scopes):
                 raise _OAuthError("invalid_scope", INVALID_SCOPE)
         old.revoked = True  # rotation: the old access AND refresh tokens die at once
-        return self._token_body(self._issue(app.client_id, old.user_id, scopes, old.auth_time))
+        old.used = True
+        return self._token_body(self._issue(app.client_id, old.user_id, scopes, old.auth_time, old.grant_id))
 
-    def _issue(self, client_id: str, user_id: int, scopes: tuple[str, ...], auth_time: int) -> _Token:
+    def _issue(self, client_id: str, user_id: int, scopes: tuple[str, ...], auth_time: int,
+               grant_id: str | None = None) -> _Token:
         token = _Token(
+            grant_id=grant_id or secrets.token_hex(8),
             access_token=secrets.token_hex(32),
             refresh_token=secrets.token_hex(32),
             client_id=client_id,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from gateway.db import audit as db_audit
+from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
 from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
@@ -36,6 +37,7 @@ class UserDetails:
 
     user: db_users.User
     groups: tuple[tuple[str, str], ...]
+    grant: db_grants.Grant | None = None  # SPEC §11 re-check state; None when no grant was ever kept
 
 
 def check_login(login: str) -> str:
@@ -65,7 +67,7 @@ def check_gitlab_id(gitlab_id: int) -> int:
 
 async def _details(conn: asyncpg.Connection, user: db_users.User) -> UserDetails:
     groups = await db_users.groups_of(conn, [user.id])
-    return UserDetails(user, tuple(groups[user.id]))
+    return UserDetails(user, tuple(groups[user.id]), await db_grants.by_user(conn, user.id))
 
 
 async def list_users(pool: asyncpg.Pool, *, q: str | None = None, active: bool | None = None,
@@ -80,7 +82,8 @@ async def list_users(pool: asyncpg.Pool, *, q: str | None = None, active: bool |
     async with transaction(pool) as conn:
         users = await db_users.search(conn, q=pattern, active=active, after=key[0] if key else None, limit=n + 1)
         groups = await db_users.groups_of(conn, [u.id for u in users[:n]])
-    items = [UserDetails(u, tuple(groups.get(u.id, ()))) for u in users]
+        grants = await db_grants.by_users(conn, [u.id for u in users[:n]])
+    items = [UserDetails(u, tuple(groups.get(u.id, ())), grants.get(u.id)) for u in users]
     return paging.page(items, n, lambda d: paging.encode("users", d.user.login))
 
 

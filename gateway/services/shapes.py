@@ -53,6 +53,9 @@ def user(d: UserDetails) -> Json:
     return {"login": u.login, "name": u.name, "email": u.email, "active": u.active, "gitlab_id": u.gitlab_id,
             "provisioned_by": u.provisioned_by, "created_at": time(u.created_at),
             "last_login_at": time(u.last_login_at), "last_sync_at": time(u.last_sync_at),
+            "next_sync_at": time(d.grant.next_sync_at) if d.grant else None,
+            "sync_state": d.grant.state if d.grant else "no_grant",
+            "last_sync_error": (d.grant.last_error or None) if d.grant else None,
             "groups": [{"name": name, "source": source} for name, source in d.groups]}
 
 

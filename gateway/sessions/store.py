@@ -32,7 +32,7 @@ from gateway.db import DB_UNAVAILABLE
 from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
-from gateway.errors import DatabaseUnavailable
+from gateway.errors import AccessUnconfirmed, DatabaseUnavailable
 from gateway.identity import ANONYMOUS, Anonymous, Identity
 
 log = logging.getLogger("gateway.sessions")
@@ -87,6 +87,9 @@ class SessionStore:
         self.cookie_name = cfg.session.cookie_name
         self.lifetime = cfg.session.lifetime
         self.check_interval = cfg.session.check_interval
+        # SPEC §11: how long after GitLab last confirmed a user their requests are still served.
+        self.confirmation_ttl = (cfg.provisioning.resync_interval + cfg.provisioning.resync_grace
+                                 if cfg.provisioning.resync_interval else None)
         self.fernet = MultiFernet([Fernet(k.encode()) for k in cfg.session.secrets])
         self._clock = clock
         self._decoded: OrderedDict[str, CookieRef | None] = OrderedDict()
@@ -155,6 +158,8 @@ class SessionStore:
         identity = await self.lookup(ref.sid)
         if identity is None or identity.user_id != ref.uid:
             return ANONYMOUS
+        if identity.sync_deadline is not None and time.time() > identity.sync_deadline:
+            raise AccessUnconfirmed()
         return identity
 
     async def lookup(self, sid: str) -> Identity | None:
@@ -172,17 +177,24 @@ class SessionStore:
             raise DatabaseUnavailable(f"session look-up failed: {type(exc).__name__}") from None
         identity = None if row is None else Identity(
             user_id=row["id"], login=row["login"], email=row["email"], groups=tuple(row["groups"]),
-            gitlab_id=row["gitlab_id"], sid_hash=session_hash(sid))
+            gitlab_id=row["gitlab_id"], sid_hash=session_hash(sid),
+            sync_deadline=self._deadline(row["confirmed_at"]))
         if generation == self._generation:
             self._store(sid, identity, now, row["expires_at"] if row else time.time() + NEGATIVE_TTL)
         return identity
+
+    def _deadline(self, confirmed_at: float | None) -> float | None:
+        if self.confirmation_ttl is None or confirmed_at is None:
+            return None
+        return confirmed_at + self.confirmation_ttl
 
     @property
     def generation(self) -> int:
         """Changes with every invalidation; compare before and after reading something to cache."""
         return self._generation
 
-    def remember(self, sid: str, identity: Identity, expires_at: float, *, generation: int | None = None) -> None:
+    def remember(self, sid: str, identity: Identity, expires_at: float, *, generation: int | None = None,
+                 confirmed_at: float | None = None) -> None:
         """Prime the cache at sign-in: the first proxied request then needs no query.
 
         `generation` is `self.generation` from before the identity was read: if an invalidation (a
@@ -190,6 +202,8 @@ class SessionStore:
         """
         if generation is not None and generation != self._generation:
             return
+        if confirmed_at is not None:  # GitLab just confirmed the user (SPEC §11): the 503 deadline starts now
+            identity = dataclasses.replace(identity, sync_deadline=self._deadline(confirmed_at))
         self._store(sid, identity, self._clock(), expires_at)
 
     def _store(self, sid: str, identity: Identity | None, fetched: float, expires: float) -> None:

@@ -87,6 +87,13 @@ class TokenResponse:
     access_token: str = field(repr=False)
     id_token: str | None = field(repr=False)
     scope: str
+    refresh_token: str | None = field(default=None, repr=False)
+
+
+class GrantRefused(GitLabUnavailable):
+    """GitLab answered `invalid_grant` to a refresh: the grant was revoked, expired or its token reused."""
+
+    code = "invalid_grant"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,16 +235,22 @@ class GitLabClient:
                 "GitLab did not accept the gateway's OAuth application credentials: "
                 "check gitlab.client_id and gitlab.client_secret", code=_MISCONFIGURED,
                 advice="An administrator must fix the gateway's GitLab application settings.")
-        body = _ok_json(answer)
-        if not isinstance(body, dict):
+        return _token_response(answer)
+
+    async def refresh(self, refresh_token: str) -> TokenResponse:
+        """Trade a refresh token for a new pair (GitLab rotates: the old pair dies); GrantRefused when refused."""
+        answer = await self._request("token", "POST", "/oauth/token", auth=self._client_auth(),
+                                     data={"grant_type": "refresh_token", "refresh_token": refresh_token})
+        if answer.status in (400, 401):
+            error = _error_code(answer)
+            if error == "invalid_grant":
+                raise GrantRefused("GitLab refused the kept grant (revoked, expired or already used)")
+            raise GitLabUnavailable(f"GitLab refused the token refresh ({error or answer.status})",
+                                    code=_MISCONFIGURED if answer.status == 401 else None)
+        token = _token_response(answer)
+        if not token.refresh_token:
             raise _shape(answer)
-        access_token, token_type = body.get("access_token"), body.get("token_type")
-        id_token, scope = body.get("id_token"), body.get("scope", "")
-        if (not isinstance(access_token, str) or not access_token or not isinstance(token_type, str)
-                or token_type.lower() != "bearer" or not isinstance(scope, str)
-                or not (id_token is None or isinstance(id_token, str))):
-            raise _shape(answer)
-        return TokenResponse(access_token=access_token, id_token=id_token, scope=scope)
+        return token
 
     async def revoke(self, token: str) -> None:
         """Revoke a token at GitLab; best effort, never raises."""
@@ -480,6 +493,22 @@ def _links(resp: aiohttp.ClientResponse) -> Mapping[str, Mapping[str, Any]]:
         return resp.links
     except ValueError:
         return {}
+
+
+def _token_response(answer: _Answer) -> TokenResponse:
+    """The tokens of a 200 from /oauth/token, or the error its status or shape means."""
+    body = _ok_json(answer)
+    if not isinstance(body, dict):
+        raise _shape(answer)
+    access_token, token_type = body.get("access_token"), body.get("token_type")
+    id_token, scope = body.get("id_token"), body.get("scope", "")
+    refresh_token = body.get("refresh_token")
+    if (not isinstance(access_token, str) or not access_token or not isinstance(token_type, str)
+            or token_type.lower() != "bearer" or not isinstance(scope, str)
+            or not (id_token is None or isinstance(id_token, str))
+            or not (refresh_token is None or isinstance(refresh_token, str))):
+        raise _shape(answer)
+    return TokenResponse(access_token=access_token, id_token=id_token, scope=scope, refresh_token=refresh_token)
 
 
 def _shape(answer: _Answer) -> GitLabUnavailable:

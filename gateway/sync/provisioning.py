@@ -19,6 +19,7 @@ import asyncpg
 from gateway.config import ProvisioningConfig
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import audit as db_audit
+from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
 from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
@@ -26,6 +27,7 @@ from gateway.db import users as db_users
 from gateway.errors import DatabaseUnavailable, SignInRefused
 from gateway.identity import Identity
 from gateway.sessions.store import new_session_id
+from gateway.sync import renames
 from gateway.sync.gitlab import GitLabGroup, GitLabUser
 
 log = logging.getLogger("gateway.provisioning")
@@ -43,6 +45,9 @@ class NewSession:
     lifetime: float
     user_agent: str
     client_ip: str
+    # SPEC §11: the encrypted GitLab refresh token to keep (replacing the user's older one), or None.
+    grant: str | None = field(default=None, repr=False)
+    resync_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,19 @@ class SignInResult:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     binding_mismatches: tuple[str, ...] = field(default=())
+    replaced_grant: str | None = field(default=None, repr=False)  # encrypted; to be revoked at GitLab
+
+
+@dataclass(frozen=True, slots=True)
+class RecheckResult:
+    """What a re-check (SPEC §11) did; `refusal` names the §5 rule the user no longer passes, if any."""
+
+    user: db_users.User
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: bool = False  # memberships, login, name or email changed: caches must refresh
+    refusal: str | None = None
+    message: str = ""
 
 
 class _Refusal(Exception):
@@ -79,15 +97,7 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
     deactivation either comes first (and this sign-in is refused) or waits and then revokes this session too.
     """
     try:
-        if user.state != "active":
-            raise _Refusal("blocked", "Your GitLab account is not active",
-                           "Ask a GitLab administrator to unblock your account.", {"state": user.state})
-        if cfg.allowed_groups and (groups is None or not in_allowed_groups(groups, cfg.allowed_groups)):
-            raise _Refusal(
-                "not_allowed",
-                "You are not allowed to sign in: you are not a member of an allowed GitLab group",
-                "Ask to be added to one of the allowed GitLab groups, then sign in again.",
-                {"allowed_groups": list(cfg.allowed_groups)})
+        _check_gitlab(cfg, user, groups)
         for attempt in range(RETRIES):
             try:
                 async with pool.acquire() as conn, conn.transaction():
@@ -107,6 +117,19 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
     except DB_UNAVAILABLE as exc:
         log.exception("provisioning failed", extra={"error": type(exc).__name__})
         raise DatabaseUnavailable() from None
+
+
+def _check_gitlab(cfg: ProvisioningConfig, user: GitLabUser, groups: tuple[GitLabGroup, ...] | None) -> None:
+    """Rules 1 and 2 on what GitLab said: an active account inside the allowed groups, else a _Refusal."""
+    if user.state != "active":
+        raise _Refusal("blocked", "Your GitLab account is not active",
+                       "Ask a GitLab administrator to unblock your account.", {"state": user.state})
+    if cfg.allowed_groups and (groups is None or not in_allowed_groups(groups, cfg.allowed_groups)):
+        raise _Refusal(
+            "not_allowed",
+            "You are not allowed to sign in: you are not a member of an allowed GitLab group",
+            "Ask to be added to one of the allowed GitLab groups, then sign in again.",
+            {"allowed_groups": list(cfg.allowed_groups)})
 
 
 async def _audit_refusal(pool: asyncpg.Pool, user: GitLabUser, refusal: _Refusal) -> None:
@@ -165,21 +188,7 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
         created = True
         await db_audit.record(conn, ACTOR, "user.created", user.login, gitlab_id=gl.id, provisioned_by="jit")
     else:
-        # Rule 5: an existing user.
-        if not user.active:
-            raise _Refusal("deactivated", "Your account is deactivated",
-                           "Only an administrator can reactivate it.", {"login": user.login})
-        if holder is not None and holder.id != user.id:
-            raise _username_taken(gl, holder)
-        linked = user.gitlab_id is None
-        if linked or (user.login, user.name, user.email) != (gl.username, gl.name, gl.email):
-            before = user
-            user = await db_users.refresh_profile(conn, user.id, gitlab_id=gl.id, login=gl.username,
-                                                  name=gl.name, email=gl.email)
-            changes = {k: [getattr(before, k), getattr(user, k)] for k in ("login", "name", "email")
-                       if getattr(before, k) != getattr(user, k)}
-            await db_audit.record(conn, ACTOR, "user.linked" if linked else "user.updated", user.login,
-                                  gitlab_id=gl.id, **changes)
+        user = await _refresh_existing(conn, user, gl, holder, actor=ACTOR)
     default = await db_groups.default_group(conn)
     await db_users.add_membership(conn, user.id, default.id, "default")
     added: list[str] = []
@@ -198,7 +207,66 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
     sid = new_session_id()
     expires = await db_sessions.insert(conn, sid, user.id, lifetime=session.lifetime,
                                        user_agent=session.user_agent, client_ip=session.client_ip)
-    return SignInResult(user, identity, created, sid, expires, tuple(added), tuple(removed), tuple(mismatches))
+    replaced = None
+    if session.grant is not None:
+        replaced = await db_grants.keep(conn, user.id, session.grant, interval=session.resync_interval)
+    return SignInResult(user, identity, created, sid, expires, tuple(added), tuple(removed), tuple(mismatches),
+                        replaced_grant=replaced)
+
+
+async def _refresh_existing(conn: asyncpg.Connection, user: db_users.User, gl: GitLabUser,
+                            holder: db_users.User | None, *, actor: str) -> db_users.User:
+    """Rule 5: an existing user; refresh login, name and email from GitLab (or a _Refusal)."""
+    if not user.active:
+        raise _Refusal("deactivated", "Your account is deactivated",
+                       "Only an administrator can reactivate it.", {"login": user.login})
+    if holder is not None and holder.id != user.id:
+        raise _username_taken(gl, holder)
+    linked = user.gitlab_id is None
+    if linked or (user.login, user.name, user.email) != (gl.username, gl.name, gl.email):
+        before = user
+        user = await db_users.refresh_profile(conn, user.id, gitlab_id=gl.id, login=gl.username,
+                                              name=gl.name, email=gl.email)
+        changes = {k: [getattr(before, k), getattr(user, k)] for k in ("login", "name", "email")
+                   if getattr(before, k) != getattr(user, k)}
+        await db_audit.record(conn, actor, "user.linked" if linked else "user.updated", user.login,
+                              gitlab_id=gl.id, **changes)
+    return user
+
+
+async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int, gl: GitLabUser,
+                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, actor: str) -> RecheckResult:
+    """SPEC §11: rules 1, 2, 5-8 for a user whose session lives, inside the caller's transaction.
+
+    The same code as a sign-in; a refusal is returned (the caller revokes the sessions) instead of raised,
+    and nothing of the refused user is changed.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
+    current = await db_users.by_id(conn, user_id)
+    assert current is not None, "the grant row references the user"
+    user = await db_users.by_gitlab_id_for_update(conn, gl.id)
+    if user is None or user.id != user_id:
+        return RecheckResult(current, refusal="unlinked",
+                             message="the GitLab account of the kept grant is no longer linked to this user")
+    holder = await db_users.by_login(conn, gl.username, for_update=True)
+    try:
+        _check_gitlab(cfg, gl, groups)
+        before = user
+        user = await _refresh_existing(conn, user, gl, holder, actor=actor)
+    except _Refusal as refusal:
+        return RecheckResult(user, refusal=refusal.code, message=refusal.message)
+    default = await db_groups.default_group(conn)
+    await db_users.add_membership(conn, user.id, default.id, "default")
+    added: list[str] = []
+    removed: list[str] = []
+    if cfg.sync_groups and groups is not None:
+        added, removed, _ = await _sync(conn, cfg, user.id, groups, default.id, bind_groups=bind_groups, actor=actor)
+    user = await db_users.mark_synced(conn, user.id)
+    await db_audit.record(conn, actor, "sync.resync", user.login, gitlab_id=gl.id, added=added, removed=removed)
+    changed = bool(added or removed) or (before.login, before.email) != (user.login, user.email)
+    if changed:
+        await db_notify.notify(conn, "user", user.id)
+    return RecheckResult(user, tuple(added), tuple(removed), changed)
 
 
 def _username_taken(gl: GitLabUser, holder: db_users.User) -> _Refusal:
@@ -210,29 +278,39 @@ def _username_taken(gl: GitLabUser, holder: db_users.User) -> _Refusal:
 
 
 async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
-                groups: tuple[GitLabGroup, ...], default_id: int, *, bind_groups: bool
+                groups: tuple[GitLabGroup, ...], default_id: int, *, bind_groups: bool, actor: str = ACTOR
                 ) -> tuple[list[str], list[str], list[str]]:
     """Rules 6 and 7: make the user's memberships match their GitLab groups that exist locally."""
     by_path = {g.full_path: g for g in groups}
+    target: dict[int, str] = {}
+    if bind_groups:
+        # SPEC §11: a bound group matches its GitLab id whatever its path is now, and follows renames.
+        by_id = {g.id: g for g in groups if g.id is not None}
+        for bound in await db_groups.by_gitlab_ids(conn, list(by_id)):
+            if bound.id != default_id and bound.gitlab_group_id is not None:
+                new_path = by_id[bound.gitlab_group_id].full_path
+                target[bound.id] = await renames.follow(conn, bound, new_path, actor=actor)
+    await renames.report_case_mismatches(conn, list(by_path), actor=actor)
     candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
     if bind_groups:
         await db_groups.lock_for_binding(conn, [g.id for g in candidates if g.gitlab_group_id is None])
         candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
-    target: dict[int, str] = {}
     mismatches: list[str] = []
     for local in candidates:
+        if local.id in target:
+            continue
         gitlab_id = by_path[local.name].id
         if not bind_groups or gitlab_id is None:
             target[local.id] = local.name
         elif local.gitlab_group_id is None:
             if await db_groups.bind(conn, local.id, gitlab_id):
-                await db_audit.record(conn, ACTOR, "group.bound", local.name, gitlab_group_id=gitlab_id)
+                await db_audit.record(conn, actor, "group.bound", local.name, gitlab_group_id=gitlab_id)
                 target[local.id] = local.name
             else:
                 # Another local group is bound to this GitLab group (it was renamed at GitLab and a group
                 # with the new name was created here): bind neither, say so, and let an administrator merge.
                 mismatches.append(local.name)
-                await db_audit.record(conn, ACTOR, "group.binding_mismatch", local.name,
+                await db_audit.record(conn, actor, "group.binding_mismatch", local.name,
                                       seen_gitlab_group_id=gitlab_id,
                                       message="this GitLab group is already bound to another local group "
                                               "(renamed at GitLab?); rename or delete one of the two")
@@ -240,7 +318,7 @@ async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
             target[local.id] = local.name
         else:
             mismatches.append(local.name)
-            await db_audit.record(conn, ACTOR, "group.binding_mismatch", local.name,
+            await db_audit.record(conn, actor, "group.binding_mismatch", local.name,
                                   bound_gitlab_group_id=local.gitlab_group_id, seen_gitlab_group_id=gitlab_id,
                                   message="a GitLab group with this path but another id was ignored")
     current = await db_users.memberships(conn, user_id)

@@ -32,7 +32,7 @@ from gateway.errors import (
     SignInRefused,
 )
 from gateway.sessions.store import SessionStore
-from gateway.sync import provisioning
+from gateway.sync import provisioning, resync
 from gateway.sync.gitlab import pkce_pair, random_token
 from gateway.web.pages import redirect
 
@@ -163,9 +163,12 @@ async def callback(request: web.Request) -> web.Response:
         # Taken before the sign-in: if an invalidation arrives meanwhile, the identity read below may
         # already be stale and must not be cached (see SessionStore.remember).
         generation = store.generation
+        keep = bool(cfg.provisioning.resync_interval and token.refresh_token)
         new_session = provisioning.NewSession(lifetime=store.lifetime,
                                               user_agent=request.headers.get("User-Agent", ""),
-                                              client_ip=request.remote or "")
+                                              client_ip=request.remote or "",
+                                              grant=resync.seal(store.fernet, token.refresh_token) if keep else None,
+                                              resync_interval=cfg.provisioning.resync_interval)
         try:
             result = await provisioning.sign_in(request.app[keys.POOL], cfg.provisioning, fetched.user,
                                                 fetched.groups, bind_groups=cfg.gitlab.groups_source == "api",
@@ -173,8 +176,12 @@ async def callback(request: web.Request) -> web.Response:
         except GatewayError as err:
             err.retry_url = err.retry_url or retry
             raise
-        # GitLab tokens are not kept (SPEC §6): our session stands on its own from here.
-        await gitlab.revoke(token.access_token)
+        if keep:
+            # SPEC §11: the grant is kept for re-checks; the one it replaces dies at GitLab.
+            await resync.revoke_sealed(gitlab, store.fernet, result.replaced_grant)
+        else:
+            # GitLab tokens are not kept (SPEC §6): our session stands on its own from here.
+            await gitlab.revoke(token.access_token)
     except GatewayError as err:
         err.retry_url = err.retry_url or start_url(prefix, "/")
         login = err.login if isinstance(err, SignInRefused) else None
@@ -191,7 +198,8 @@ async def callback(request: web.Request) -> web.Response:
         except DatabaseUnavailable:
             # The new session is committed; the old one still expires or can be revoked by an admin.
             log.warning("could not revoke the browser's previous session")
-    store.remember(sid, result.identity, result.expires_at, generation=generation)
+    store.remember(sid, result.identity, result.expires_at, generation=generation,
+                   confirmed_at=time.time() if keep else None)
     metrics.login("success")
     metrics.group_changes(len(result.added), len(result.removed))
     response = redirect(rd)
