@@ -193,7 +193,11 @@ def _show_user(args: argparse.Namespace, d: accounts.UserDetails) -> None:
     fields = [("login", u.login), ("name", u.name), ("email", u.email), ("active", _yes(u.active)),
               ("gitlab_id", u.gitlab_id if u.gitlab_id is not None else "- (linked at first sign-in by login)"),
               ("provisioned_by", u.provisioned_by), ("created_at", _when(u.created_at)),
-              ("last_login_at", _when(u.last_login_at)), ("last_sync_at", _when(u.last_sync_at))]
+              ("last_login_at", _when(u.last_login_at)), ("last_sync_at", _when(u.last_sync_at)),
+              ("next_sync_at", _when(d.grant.next_sync_at if d.grant else None)),
+              ("sync_state", d.grant.state if d.grant else "no_grant")]
+    if d.grant is not None and d.grant.last_error:
+        fields.append(("last_sync_error", d.grant.last_error))
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
         print(f"{key.ljust(width)}  {value}")
@@ -213,6 +217,23 @@ async def users_create(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     else:
         link = f"gitlab_id {d.user.gitlab_id}" if d.user.gitlab_id is not None else "username"
         print(f"created user {d.user.login}: linked to GitLab at first sign-in by {link}")
+
+
+async def users_sync(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
+    """SPEC §11: re-check one user with GitLab now, through the kept grant (as the admin API's sync call)."""
+    from gateway.metrics import Metrics
+    from gateway.sync.gitlab import GitLabClient
+    from gateway.sync.resync import Resyncer
+
+    cfg = _config(args)
+    session = GitLabClient.make_session(cfg.gitlab)
+    try:
+        outcome = await Resyncer(cfg, pool, GitLabClient(cfg.gitlab, session), Metrics()).check_now(args.login)
+    finally:
+        await session.close()
+    d = await accounts.get_user(pool, args.login)
+    _report(args, shapes.user(d), f"re-checked {d.user.login} with GitLab: {outcome.result}"
+            + (f" ({outcome.error})" if outcome.error else ""))
 
 
 def _set_active(active: bool) -> Action:
@@ -276,7 +297,7 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("group", metavar="GROUP", help="group name or id")
     p.add_argument("login", metavar="LOGIN")
 
-    u = nested("users", "list, show, pre-provision, deactivate and reactivate users")
+    u = nested("users", "list, show, pre-provision, deactivate, reactivate and re-check users")
     p = leaf(u, "list", users_list, "list users (all pages)")
     p.add_argument("--q", default=None, help="only users whose login, name or email contains this text")
     state = p.add_mutually_exclusive_group()
@@ -293,6 +314,8 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p = leaf(u, "deactivate", _set_active(False), "deactivate a user and revoke all their sessions")
     p.add_argument("login", metavar="LOGIN")
     p = leaf(u, "activate", _set_active(True), "reactivate a user")
+    p.add_argument("login", metavar="LOGIN")
+    p = leaf(u, "sync", users_sync, "re-check a user with GitLab now (needs a kept grant: resync_interval on)")
     p.add_argument("login", metavar="LOGIN")
 
     s = nested("sessions", "list and revoke server-side sessions")

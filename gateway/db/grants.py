@@ -24,7 +24,8 @@ ON CONFLICT (user_id) DO UPDATE SET
   failures = 0, last_error = '', lease_owner = NULL, lease_until = NULL, updated_at = now()"""
 # Due rows not leased by anyone alive, oldest due first. The partial index gitlab_grants_due serves this.
 CLAIM_DUE = f"""
-UPDATE gitlab_grants g SET lease_owner = $1, lease_until = now() + make_interval(secs => $2)
+UPDATE gitlab_grants g SET lease_owner = $1, lease_until = now() + make_interval(secs => $2),
+  claimed_at = clock_timestamp()
 WHERE g.user_id IN (
   SELECT user_id FROM gitlab_grants
   WHERE next_sync_at <= now() AND (lease_until IS NULL OR lease_until < now())
@@ -33,20 +34,23 @@ WHERE g.user_id IN (
 RETURNING {COLUMNS}"""
 # One user now (a webhook, the admin call): only when nobody else holds a live lease on it.
 CLAIM_ONE = f"""
-UPDATE gitlab_grants g SET lease_owner = $2, lease_until = now() + make_interval(secs => $3)
+UPDATE gitlab_grants g SET lease_owner = $2, lease_until = now() + make_interval(secs => $3),
+  claimed_at = clock_timestamp()
 WHERE g.user_id = (SELECT user_id FROM gitlab_grants WHERE user_id = $1
                    AND (lease_until IS NULL OR lease_until < now()) FOR UPDATE SKIP LOCKED)
 RETURNING {COLUMNS}"""
 # Inside the transaction that applies a re-check: the row, if our lease still holds it.
 HELD = f"SELECT {COLUMNS} FROM gitlab_grants WHERE user_id = $1 AND lease_owner = $2 FOR UPDATE"
 BY_USER = f"SELECT {COLUMNS} FROM gitlab_grants WHERE user_id = $1"
-SUCCEEDED = """
-UPDATE gitlab_grants SET refresh_token = $2, next_sync_at = now() + make_interval(secs => $3),
+# A re-check requested while this one ran (a webhook) keeps its earlier due time.
+_NEXT = """CASE WHEN next_sync_at > claimed_at THEN next_sync_at ELSE now() + make_interval(secs => $3) END"""
+SUCCEEDED = f"""
+UPDATE gitlab_grants SET refresh_token = $2, next_sync_at = {_NEXT},
   confirmed_at = now(), failures = 0, last_error = '', lease_owner = NULL, lease_until = NULL, updated_at = now()
 WHERE user_id = $1"""
 # A transient failure: the (possibly rotated) token is kept, the next attempt is pushed back.
-FAILED = """
-UPDATE gitlab_grants SET refresh_token = $2, next_sync_at = now() + make_interval(secs => $3),
+FAILED = f"""
+UPDATE gitlab_grants SET refresh_token = $2, next_sync_at = {_NEXT},
   failures = failures + 1, last_error = $4, lease_owner = NULL, lease_until = NULL, updated_at = now()
 WHERE user_id = $1"""
 # The grant is gone (GitLab refused it, or the user was refused): nothing more to re-check until a sign-in.
@@ -59,7 +63,10 @@ DORMANT = """
 UPDATE gitlab_grants SET next_sync_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now()
 WHERE user_id = $1"""
 RELEASE = "UPDATE gitlab_grants SET lease_owner = NULL, lease_until = NULL WHERE user_id = $1 AND lease_owner = $2"
-DUE_NOW = "UPDATE gitlab_grants SET next_sync_at = now() WHERE user_id = $1 AND refresh_token IS NOT NULL"
+DUE_IN = """
+UPDATE gitlab_grants SET next_sync_at = LEAST(coalesce(next_sync_at, 'infinity'), clock_timestamp()
+                                              + make_interval(secs => $2))
+WHERE user_id = $1 AND refresh_token IS NOT NULL"""
 HAS_ACTIVE_SESSION = """
 SELECT EXISTS (SELECT 1 FROM sessions WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now())"""
 LAG = """
@@ -144,9 +151,9 @@ async def release(conn: asyncpg.Connection | asyncpg.Pool, user_id: int, owner: 
     await conn.execute(RELEASE, user_id, owner)
 
 
-async def due_now(conn: asyncpg.Connection | asyncpg.Pool, user_id: int) -> bool:
-    """Make a user's re-check due at once; False when no grant is kept for them."""
-    return str(await conn.execute(DUE_NOW, user_id)).endswith(" 1")
+async def due_in(conn: asyncpg.Connection | asyncpg.Pool, user_id: int, seconds: float = 0.0) -> bool:
+    """Make a user's re-check due within `seconds` (sooner if it already is); False when no grant is kept."""
+    return str(await conn.execute(DUE_IN, user_id, seconds)).endswith(" 1")
 
 
 async def has_active_session(conn: asyncpg.Connection, user_id: int) -> bool:

@@ -11,6 +11,7 @@ CREATE TABLE gitlab_grants (
     last_error     text NOT NULL DEFAULT '',
     lease_owner    text,               -- the re-check holding this row; its claim ends at lease_until, so a
     lease_until    timestamptz,        -- crashed claimant's work is picked up by another process
+    claimed_at     timestamptz,        -- when the current lease began: a request made during it is kept
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 -- The scheduler reads only due rows: its work follows the users with an active session, not the users table.

@@ -116,6 +116,7 @@ class Resyncer:
         self._wake = asyncio.Event()
         self._paused_until = 0.0  # monotonic: GitLab's 429 Retry-After holds the whole scheduler
         self._requested: dict[int, float] = {}
+        self._deferred: set[int] = set()
         self._limit = asyncio.Semaphore(CONCURRENCY)
 
     def _lease_owner(self) -> str:
@@ -163,14 +164,21 @@ class Resyncer:
         self._wake.set()
 
     async def request(self, user_id: int) -> bool:
-        """A webhook named this user: re-check soon, at most once per COALESCE seconds; False when coalesced."""
+        """A webhook named this user: re-check at once, or (coalesced: False) once more when COALESCE seconds
+        have passed since the last request, however many arrive meanwhile."""
         now = time.monotonic()
-        if now - self._requested.get(user_id, -COALESCE) < COALESCE:
+        since = now - self._requested.get(user_id, -COALESCE)
+        if since < COALESCE:
+            if user_id not in self._deferred:
+                self._deferred.add(user_id)  # one deferred re-check covers every request of the window
+                await db_grants.due_in(self.pool, user_id, COALESCE - since)
             return False
         if len(self._requested) > _COALESCE_MEMORY:
             self._requested = {u: t for u, t in self._requested.items() if now - t < COALESCE}
+            self._deferred &= self._requested.keys()
         self._requested[user_id] = now
-        if await db_grants.due_now(self.pool, user_id):
+        self._deferred.discard(user_id)
+        if await db_grants.due_in(self.pool, user_id):
             self.wake()
         return True
 
