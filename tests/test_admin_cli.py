@@ -18,7 +18,7 @@ from gateway import cli
 
 GROUP_KEYS = {"id", "name", "description", "builtin", "gitlab_group_id", "member_count"}
 USER_KEYS = {"login", "name", "email", "active", "gitlab_id", "provisioned_by", "created_at", "last_login_at",
-             "last_sync_at", "groups"}
+             "last_sync_at", "next_sync_at", "sync_state", "last_sync_error", "groups"}
 SESSION_KEYS = {"id", "login", "created_at", "expires_at", "last_seen_at"}
 
 

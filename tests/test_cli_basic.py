@@ -71,7 +71,7 @@ async def test_migrate_twice(write_config, empty_dsn):
     config = write_config(database={"dsn": empty_dsn})
     code, out, err = await gateway("migrate", "-c", str(config))
     assert code == 0, err
-    assert out.strip() == "applied: 0001_initial"
+    assert out.strip() == "applied: 0001_initial, 0002_resync"
     conn = await asyncpg.connect(empty_dsn)
     try:
         before = await conn.fetch("SELECT version, applied_at FROM schema_migrations")

@@ -127,7 +127,7 @@ async def test_migrate_twice_is_a_no_op(migrated):
 async def test_pending_on_an_empty_database(empty_dsn):
     conn = await asyncpg.connect(empty_dsn)
     try:
-        assert await db_migrate.pending(conn) == ["0001_initial"]
+        assert await db_migrate.pending(conn) == ["0001_initial", "0002_resync"]
     finally:
         await conn.close()
 
@@ -136,8 +136,8 @@ async def test_concurrent_migrations_both_succeed(empty_dsn):
     conns = [await asyncpg.connect(empty_dsn) for _ in range(4)]
     try:
         results = await asyncio.gather(*(db_migrate.migrate(c) for c in conns))
-        assert sorted(results) == [[], [], [], ["0001_initial"]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert sorted(results) == [[], [], [], ["0001_initial", "0002_resync"]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 2
         assert await conns[0].fetchval("SELECT count(*) FROM groups WHERE builtin") == 1
         # the advisory lock was released by every runner
         assert await conns[0].fetchval(
@@ -163,7 +163,7 @@ async def test_concurrent_migrate_commands_both_succeed(empty_dsn, tmp_path):
     outs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     printed = sorted(out.decode().strip() for out, _ in outs)
-    assert printed == ["applied: 0001_initial", "database schema is up to date"], outs
+    assert printed == ["applied: 0001_initial, 0002_resync", "database schema is up to date"], outs
 
 
 # ---- packaging -------------------------------------------------------------------------------------------------

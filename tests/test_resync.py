@@ -6,8 +6,9 @@ Real PostgreSQL, the real GitLab stand-in and in-process gateways; re-check inte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -50,6 +51,14 @@ async def local_groups(db: asyncpg.Pool, *names: str) -> None:
         await db.execute("INSERT INTO groups (name) VALUES ($1)", n)
 
 
+async def started(gateway_factory: Any, db: asyncpg.Pool, *local: str, **provisioning: Any) -> Gateway:
+    """A gateway re-checking every second (unless overridden), the seeded GitLab, and these local groups."""
+    gw: Gateway = await gateway_factory(provisioning={**FAST, **provisioning})
+    seed(gw)
+    await local_groups(db, *local)
+    return gw
+
+
 # ---- what is kept ---------------------------------------------------------------------------------------
 
 async def test_the_refresh_token_is_kept_encrypted_and_an_older_grant_is_revoked(gateway_factory: Any,
@@ -85,8 +94,7 @@ async def test_resync_off_keeps_nothing_and_revokes_the_token(gateway_factory: A
 
 async def test_a_user_blocked_in_gitlab_loses_access_within_the_interval(gateway_factory: Any,
                                                                         db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning=FAST)
-    seed(gw)
+    gw = await started(gateway_factory, db)
     async with gw.browser() as b:
         await b.sign_in("alice")
         assert await status(b) == 200
@@ -102,8 +110,7 @@ async def _is(awaitable: Awaitable[int], expected: int) -> bool:
 
 
 async def test_leaving_the_allowed_groups_revokes_every_session(gateway_factory: Any, db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning={**FAST, "allowed_groups": ["acme"]})
-    seed(gw)
+    gw = await started(gateway_factory, db, allowed_groups=["acme"])
     async with gw.browser() as one, gw.browser() as two:
         await one.sign_in("alice")
         await two.sign_in("alice")
@@ -116,16 +123,12 @@ async def test_leaving_the_allowed_groups_revokes_every_session(gateway_factory:
 
 async def test_a_group_added_in_gitlab_reaches_the_upstream_without_a_new_sign_in(gateway_factory: Any,
                                                                                   db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning=FAST)
-    seed(gw)
-    await local_groups(db, "acme", "other")
-    async with gw.browser() as b:
-        await b.sign_in("alice")
-        assert await groups_header(b) == "acme,gateway-users"
+    gw = await started(gateway_factory, db, "acme", "other")
+    async with alice_sees(gw, "acme,gateway-users") as b:
         gw.fake.add_member("alice", "other")
-        await wait_until(lambda: _eq(groups_header(b), "acme,gateway-users,other"))
+        await header_becomes(b, "acme,gateway-users,other")
         gw.fake.remove_member("alice", "acme")
-        await wait_until(lambda: _eq(groups_header(b), "gateway-users,other"))
+        await header_becomes(b, "gateway-users,other")
     resyncs = [a for a in await audit_actions(db) if a[0] == "sync.resync" and (a[2]["added"] or a[2]["removed"])]
     assert resyncs[0][2]["added"] == ["other"] and resyncs[1][2]["removed"] == ["acme"]
 
@@ -134,10 +137,23 @@ async def _eq(awaitable: Awaitable[str], expected: str) -> bool:
     return await awaitable == expected
 
 
+@contextlib.asynccontextmanager
+async def alice_sees(gw: Gateway, header: str) -> AsyncIterator[Browser]:
+    """A browser signed in as alice, whose requests reach the upstream with this groups header."""
+    async with gw.browser() as b:
+        await b.sign_in("alice")
+        assert await groups_header(b) == header
+        yield b
+
+
+async def header_becomes(b: Browser, expected: str, timeout: float = 10.0) -> float:
+    """Wait until the upstream receives `expected` as the groups header; the seconds it took."""
+    return await wait_until(lambda: _eq(groups_header(b), expected), timeout=timeout, what=f"groups {expected}")
+
+
 async def test_a_grant_revoked_at_gitlab_ends_in_no_grant_not_a_loop(gateway_factory: Any,
                                                                     db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning=FAST)
-    seed(gw)
+    gw = await started(gateway_factory, db)
     async with gw.browser() as b:
         await b.sign_in("alice")
         gw.fake.revoke_authorizations("alice")
@@ -153,8 +169,7 @@ async def test_a_grant_revoked_at_gitlab_ends_in_no_grant_not_a_loop(gateway_fac
 
 async def test_gitlab_down_past_the_grace_gives_503_and_recovers_by_itself(gateway_factory: Any,
                                                                           db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning=FAST)
-    seed(gw)
+    gw = await started(gateway_factory, db)
     async with gw.browser() as b:
         await b.sign_in("alice")
         gw.fake.fail("token", 503, times=None)
@@ -215,14 +230,10 @@ async def test_two_gateways_never_refresh_the_same_token_twice(gateway_factory: 
 
 async def test_a_renamed_gitlab_group_keeps_its_members_and_the_local_group_follows(gateway_factory: Any,
                                                                                    db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning=FAST)
-    seed(gw)
-    await local_groups(db, "acme", "acme/platform")
-    async with gw.browser() as b:
-        await b.sign_in("alice")
-        assert await groups_header(b) == "acme,acme/platform,gateway-users"
+    gw = await started(gateway_factory, db, "acme", "acme/platform")
+    async with alice_sees(gw, "acme,acme/platform,gateway-users") as b:
         gw.fake.rename_group("acme", "acme-corp")
-        await wait_until(lambda: _eq(groups_header(b), "acme-corp,acme-corp/platform,gateway-users"))
+        await header_becomes(b, "acme-corp,acme-corp/platform,gateway-users")
     renamed = {a[2]["old"]: a[2]["new"] for a in await audit_actions(db) if a[0] == "group.renamed"}
     assert renamed == {"acme": "acme-corp", "acme/platform": "acme-corp/platform"}
     removed = [a for a in await audit_actions(db) if a[0] == "sync.resync" and a[2]["removed"]]
@@ -267,8 +278,7 @@ async def test_admin_sync_rechecks_now(gateway_factory: Any, db: asyncpg.Pool) -
 
 
 async def test_metrics(gateway_factory: Any, db: asyncpg.Pool) -> None:
-    gw = await gateway_factory(provisioning=FAST)
-    seed(gw)
+    gw = await started(gateway_factory, db)
     async with gw.browser() as b:
         await b.sign_in("alice")
 

@@ -4,45 +4,19 @@ within resync_interval (2 s here), and no refresh token is ever presented twice 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from typing import Any
 
 import pytest
-from conftest import CLIENT_ID, CLIENT_SECRET
-from test_two_processes import ROOT, Process, stop, userinfo, wait_ready
-
-from gateway.config import load_config
+from test_two_processes import gateway_processes, userinfo
 
 
 @pytest.fixture
 async def resync_processes(gitlab, write_config, unused_tcp_port_factory, tmp_path) -> Any:
-    fake, fake_url = gitlab
     ports = [(unused_tcp_port_factory(), unused_tcp_port_factory()) for _ in range(2)]
-    fake.add_application(CLIENT_ID, CLIENT_SECRET, [f"http://127.0.0.1:{public}/oauth2/callback"
-                                                     for public, _ in ports])
-    started: list[Process] = []
-    try:
-        for i, (public, admin) in enumerate(ports):
-            path = write_config(
-                server={"listen": f"127.0.0.1:{public}", "public_url": f"http://127.0.0.1:{public}"},
-                admin={"listen": f"127.0.0.1:{admin}"},
-                gitlab={"url": fake_url},
-                session={"check_interval": "5m"},
-                provisioning={"resync_interval": "2s", "resync_grace": "1h"},
-            )
-            log = tmp_path / f"gateway-{i}.log"
-            with log.open("wb") as out:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "gateway", "run", "-c", str(path), cwd=ROOT,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
-            started.append(Process(load_config(path), f"http://127.0.0.1:{public}", f"http://127.0.0.1:{admin}",
-                                   fake, fake_url, proc, log))
-        await asyncio.gather(*(wait_ready(p) for p in started))
+    async with gateway_processes(gitlab, write_config, ports, tmp_path,
+                                 provisioning={"resync_interval": "2s", "resync_grace": "1h"}) as started:
         yield started
-    finally:
-        codes = [await stop(p) for p in started]
-    assert codes == [0] * len(started), [p.log.read_text() for p in started]
 
 
 async def test_blocked_in_gitlab_loses_access_on_both_processes(resync_processes) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,12 @@ async def stop(p: Process) -> int:
     return p.proc.returncode
 
 
-@pytest.fixture
-async def two_processes(gitlab, write_config, unused_tcp_port_factory, tmp_path) -> Any:
+@contextlib.asynccontextmanager
+async def gateway_processes(gitlab: tuple[FakeGitLab, str], write_config: Any, ports: Any, tmp_path: Path,
+                            **sections: dict[str, Any]) -> AsyncIterator[list[Process]]:
+    """`gateway run` processes on this test's database, one per (public, admin) port pair; `sections`
+    override configuration keys; every process must stop cleanly (exit 0)."""
     fake, fake_url = gitlab
-    ports = [(unused_tcp_port_factory(), unused_tcp_port_factory()) for _ in range(2)]
     fake.add_application(CLIENT_ID, CLIENT_SECRET, [f"http://127.0.0.1:{public}/oauth2/callback"
                                                      for public, _ in ports])
     started: list[Process] = []
@@ -84,6 +87,7 @@ async def two_processes(gitlab, write_config, unused_tcp_port_factory, tmp_path)
                 gitlab={"url": fake_url},
                 # a long check interval: only NOTIFY can make a change visible within a second
                 session={"check_interval": "5m"},
+                **sections,
             )
             log = tmp_path / f"gateway-{i}.log"
             with log.open("wb") as out:
@@ -97,6 +101,13 @@ async def two_processes(gitlab, write_config, unused_tcp_port_factory, tmp_path)
     finally:
         codes = [await stop(p) for p in started]
     assert codes == [0] * len(started), [p.log.read_text() for p in started]
+
+
+@pytest.fixture
+async def two_processes(gitlab, write_config, unused_tcp_port_factory, tmp_path) -> Any:
+    ports = [(unused_tcp_port_factory(), unused_tcp_port_factory()) for _ in range(2)]
+    async with gateway_processes(gitlab, write_config, ports, tmp_path) as started:
+        yield started
 
 
 async def userinfo(b: Browser, base_url: str) -> int:
