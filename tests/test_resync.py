@@ -125,6 +125,7 @@ async def test_a_group_added_in_gitlab_reaches_the_upstream_without_a_new_sign_i
                                                                                   db: asyncpg.Pool) -> None:
     gw = await started(gateway_factory, db, "acme", "other")
     async with alice_sees(gw, "acme,gateway-users") as b:
+        assert gw.fake.user_groups("alice") == ["acme", "acme/platform"]  # platform has no local group
         gw.fake.add_member("alice", "other")
         await header_becomes(b, "acme,gateway-users,other")
         gw.fake.remove_member("alice", "acme")
@@ -288,3 +289,23 @@ async def test_metrics(gateway_factory: Any, db: asyncpg.Pool) -> None:
         return 'gateway_resync_total{result="unchanged"}' in text and "gateway_resync_lag_seconds " in text
 
     await wait_until(counted)
+
+
+async def test_cli_users_sync(gateway_factory: Any, db: asyncpg.Pool, write_config: Any) -> None:
+    from test_admin_cli import Cli
+
+    gw = await started(gateway_factory, db, "other", resync_interval="1h")
+    async with gw.browser() as b:
+        await b.sign_in("alice")
+    gw.fake.add_member("alice", "other")
+    cli = Cli(write_config(gitlab={"url": gw.fake_url}))
+    out, _ = await cli("users", "sync", "alice")
+    assert out.startswith("re-checked alice with GitLab: changed")
+    shown = await cli.json("users", "show", "alice")
+    assert {"name": "other", "source": "sync"} in shown["groups"] and shown["sync_state"] == "ok"
+    gw.fake.fail("token", 502)
+    _, err = await cli("users", "sync", "alice", expect=1)
+    assert "GitLab" in err
+    await db.execute("INSERT INTO users (login, provisioned_by) VALUES ('bob', 'admin')")
+    _, err = await cli("users", "sync", "bob", expect=2)
+    assert "No GitLab grant" in err

@@ -722,6 +722,13 @@ class FakeGitLab:
             for t in self._tokens.values()
         ]
 
+    def grant(self, client_id: str, user: int | str, scopes: Iterable[str] = ("read_user", "read_api")
+              ) -> IssuedToken:
+        """Issue a token pair as if `user` had authorized `client_id` (benchmarks seed thousands this way)."""
+        token = self._issue(client_id, self.user(user).id, tuple(scopes), int(self.clock()))
+        return IssuedToken(token.access_token, token.refresh_token, token.client_id, token.user_id, token.scopes,
+                           token.created_at, token.revoked)
+
     def expire_token(self, access_token: str) -> None:
         """Age an access token past its 7200 s lifetime (its refresh token stays valid)."""
         token = self._tokens[access_token]

@@ -34,7 +34,7 @@ log = logging.getLogger("gateway.provisioning")
 
 ACTOR = "gitlab-sign-in"
 RETRIES = 4
-_RACES = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.UniqueViolationError,
+RACES = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError, asyncpg.UniqueViolationError,
           asyncpg.ForeignKeyViolationError)
 
 
@@ -102,7 +102,7 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     return await _apply(conn, cfg, user, groups, bind_groups=bind_groups, session=session)
-            except _RACES as exc:
+            except RACES as exc:
                 # Another transaction changed what we read (a login taken, a group deleted, the same GitLab
                 # id pre-provisioned, a deadlock): everything was rolled back, so start again from a fresh read.
                 log.info("sign-in raced with another change; retrying",

@@ -45,7 +45,7 @@ from gateway.db import users as db_users
 from gateway.errors import Conflict, DatabaseUnavailable, GitLabUnavailable, NotFound, SignInRefused
 from gateway.metrics import Metrics
 from gateway.sync import provisioning
-from gateway.sync.gitlab import GitLabClient, GrantRefused
+from gateway.sync.gitlab import GitLabClient, GrantRefused, SignInData
 
 log = logging.getLogger("gateway.resync")
 
@@ -218,8 +218,9 @@ class Resyncer:
 
     async def process(self, grant: db_grants.Grant, owner: str, *, require_session: bool) -> Outcome:
         """Re-check one claimed user; never raises (the lease runs out if the database is gone)."""
+        newest = [grant.refresh_token]  # the newest sealed token: GitLab may have rotated it before a failure
         try:
-            outcome = await self._process(grant, owner, require_session=require_session)
+            outcome = await self._process(grant, owner, newest, require_session=require_session)
         except DB_UNAVAILABLE as exc:
             # Nothing was half-applied (one transaction); the lease expires and the user is retried.
             log.warning("re-check could not reach the database", extra={"error": type(exc).__name__})
@@ -227,13 +228,14 @@ class Resyncer:
         except Exception:
             log.exception("re-check failed")
             with contextlib.suppress(*DB_UNAVAILABLE):
-                await self._fail(grant.user_id, owner, grant.refresh_token, "internal error", None)
+                await self._fail(grant.user_id, owner, newest[0], "internal error", None)
             outcome = Outcome("failed", "internal error")
         if outcome.result in ("changed", "unchanged", "revoked", "failed"):
             self.metrics.inc("gateway_resync_total", result=outcome.result)
         return outcome
 
-    async def _process(self, grant: db_grants.Grant, owner: str, *, require_session: bool) -> Outcome:
+    async def _process(self, grant: db_grants.Grant, owner: str, newest: list[str | None], *,
+                       require_session: bool) -> Outcome:
         uid = grant.user_id
         token = unseal(self.fernet, grant.refresh_token)
         if token is None:
@@ -256,7 +258,7 @@ class Resyncer:
             return await self._revoke(uid, owner, "invalid_grant", "GitLab refused the kept grant", None)
         except GitLabUnavailable as err:
             return await self._fail(uid, owner, grant.refresh_token, err.message, err.retry_after)
-        sealed = seal(self.fernet, fresh.refresh_token)
+        sealed = newest[0] = seal(self.fernet, fresh.refresh_token)
         need_groups = self.cfg.provisioning.sync_groups or bool(self.cfg.provisioning.allowed_groups)
         try:
             fetched = await self.gitlab.sign_in_data(fresh.access_token, need_groups=need_groups)
@@ -264,10 +266,31 @@ class Resyncer:
             return await self._revoke(uid, owner, err.code, err.message, fresh.refresh_token)
         except GitLabUnavailable as err:
             return await self._fail(uid, owner, sealed, err.message, err.retry_after)
+        for attempt in range(provisioning.RETRIES):
+            try:
+                result = await self._apply(uid, owner, grant, sealed, fetched)
+                break
+            except provisioning.RACES:
+                # A sign-in or an administrator changed the same rows: everything rolled back; read again.
+                await asyncio.sleep(0.01 * (attempt + 1))
+        else:
+            return await self._fail(uid, owner, sealed, "kept colliding with other changes", None)
+        if result is None:
+            log.warning("re-check lease lost before its result was saved", extra={"user_id": uid})
+            await self.gitlab.revoke(fresh.refresh_token or "")  # nobody holds this new grant: let it die
+            return Outcome("lost", "the re-check took longer than its lease")
+        if result.refusal is not None:
+            await self.gitlab.revoke(fresh.refresh_token or "")
+            return Outcome("revoked", result.refusal)
+        self.metrics.group_changes(len(result.added), len(result.removed))
+        return Outcome("changed" if result.changed else "unchanged")
+
+    async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, sealed: str, fetched: SignInData
+                     ) -> provisioning.RecheckResult | None:
+        """§5 rules 1, 2, 5-8 and the rotated token in ONE transaction; None when our lease was lost."""
         async with self.pool.acquire() as conn, conn.transaction():
             if await db_grants.held(conn, uid, owner) is None:
-                log.warning("re-check lease lost before its result was saved", extra={"user_id": uid})
-                return Outcome("lost", "the re-check took longer than its lease")
+                return None
             result = await provisioning.recheck(
                 conn, self.cfg.provisioning, uid, fetched.user, fetched.groups,
                 bind_groups=self.cfg.gitlab.groups_source == "api", actor=ACTOR)
@@ -278,11 +301,7 @@ class Resyncer:
                 if grant.failures:
                     # The user's 503 deadline moved: every process must drop its cached one.
                     await db_notify.notify(conn, "user", uid)
-        if result.refusal is not None:
-            await self.gitlab.revoke(fresh.refresh_token or "")
-            return Outcome("revoked", result.refusal)
-        self.metrics.group_changes(len(result.added), len(result.removed))
-        return Outcome("changed" if result.changed else "unchanged")
+            return result
 
     async def _login(self, conn: asyncpg.Connection, user_id: int) -> str:
         user = await db_users.by_id(conn, user_id)

@@ -1,0 +1,315 @@
+"""SPEC §11 re-checks at scale: prints figures (not a test).
+
+    python bench/resync.py [--users 10000] [--drain 2000] [--seconds 8] [--rounds 2]
+
+Everything runs on 127.0.0.1: a PostgreSQL ($GATEWAY_TEST_DSN's server, else an embedded one), the GitLab
+stand-in in its own process (zero latency: it answers from memory; its users have no group memberships, so
+the group listing is one short page), nginx serving a 200-byte page as the upstream, and ONE gateway process
+(`python -m gateway run`, workers 1, resync_interval 15m). Users, sessions and kept grants are written
+straight into the database (each grant a real refresh token issued by the stand-in, Fernet-sealed).
+
+Figures:
+1. Proxied req/s (wrk, one signed-in cookie) with the scheduler idle (no user due) and with it re-checking at
+   the steady rate of `--users` users per 15 minutes (due times spread over the interval), interleaved rounds.
+2. Re-checks per second sustained when `--drain` users are all due at once (the scheduler's ceiling on this
+   machine), the gateway's CPU per re-check, and from it the CPU share at the steady rate.
+3. Database work per re-check with a users table of 1,000 and of 100,000 rows (the same 1,000 users with an
+   active session and a due grant; the others with a dormant grant and only revoked sessions): shared
+   buffers touched per re-check (pg_stat_database) and the claim query's plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+from cryptography.fernet import Fernet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import (  # bench/ is not a package: run.py is imported from its folder
+    PAGE,
+    REPO,
+    SESSION_KEY,
+    Processes,
+    cpu_seconds,
+    database,
+    free_port,
+    gateway_config,
+    wait_port,
+    wait_ready,
+    wrk,
+)
+
+INTERVAL = 900.0  # resync_interval 15m
+CLIENT_ID, CLIENT_SECRET = "bench", "bench-secret"
+
+
+# ---- the stand-in, in its own process ----------------------------------------------------------------------
+
+def standin_main(port: int, users: int, tokens_file: Path) -> None:
+    """Serve a stand-in with `users` users, each holding one grant whose refresh token goes to tokens_file."""
+    sys.path.insert(0, str(REPO))
+    from gateway.demo.fake_gitlab import FakeGitLab, serve
+
+    fake = FakeGitLab()
+    fake.add_application(CLIENT_ID, CLIENT_SECRET, ["http://127.0.0.1/oauth2/callback"])
+    tokens = []
+    for uid in range(1, users + 1):
+        fake.add_user(uid, f"u{uid}")
+        tokens.append(fake.grant(CLIENT_ID, uid).refresh_token)
+    fake.requests = _Discard()  # type: ignore[assignment]  # a long run must not grow its request log
+
+    async def run() -> None:
+        runner = await serve(fake, "127.0.0.1", port)
+        tokens_file.write_text(json.dumps(tokens))
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+class _Discard(list):  # type: ignore[type-arg]
+    def append(self, item: object) -> None:
+        pass
+
+
+def start_standin(procs: Processes, workdir: Path, users: int) -> tuple[str, list[str], subprocess.Popen[bytes]]:
+    port = free_port()
+    tokens_file = workdir / f"tokens-{port}.json"
+    proc = procs.start([sys.executable, __file__, "--standin", str(port), str(users), str(tokens_file)],
+                       f"standin-{port}")
+    deadline = time.monotonic() + 120
+    while not tokens_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the stand-in did not start")
+        time.sleep(0.1)
+    wait_port(port, proc, "stand-in")
+    return f"http://127.0.0.1:{port}", json.loads(tokens_file.read_text()), proc
+
+
+# ---- the database ---------------------------------------------------------------------------------------------
+
+async def seed(dsn: str, tokens: list[str], *, total: int, spread: float | None) -> str:
+    """Users 1..total; the first len(tokens) have an active session and a kept grant, due over `spread`
+    seconds from now (None: not due); the rest a dormant grant and a revoked session. The cookie of user 1."""
+    sys.path.insert(0, str(REPO))
+    from gateway.db import migrate
+
+    fernet = Fernet(SESSION_KEY.encode())
+    active = len(tokens)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.migrate(conn)
+        await conn.copy_records_to_table(
+            "users", columns=["id", "gitlab_id", "login", "name", "email", "provisioned_by"],
+            records=[(i, i, f"u{i}", f"User {i}", f"u{i}@example.com", "jit") for i in range(1, total + 1)])
+        await conn.execute("SELECT setval('users_id_seq', $1)", total)
+        await conn.execute("INSERT INTO memberships (user_id, group_id, source) "
+                           "SELECT u.id, g.id, 'default' FROM users u, groups g WHERE g.builtin")
+        await conn.copy_records_to_table(
+            "sessions", columns=["id", "user_id", "expires_at", "revoked_at"],
+            records=[(f"s{i}", i, _at(8 * 3600), None if i <= active else _at(-60)) for i in range(1, total + 1)])
+        await conn.copy_records_to_table(
+            "gitlab_grants", columns=["user_id", "refresh_token", "next_sync_at", "confirmed_at"],
+            records=[(i, fernet.encrypt((tokens[i - 1] if i <= active else f"dormant-{i}").encode()).decode(),
+                      _at((i - 1) / active * spread) if i <= active and spread is not None else None, _at(0))
+                     for i in range(1, total + 1)])
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+    data = {"created": int(time.time()), "session": {"sid": "s1", "uid": 1}}
+    return "_gateway=" + fernet.encrypt(json.dumps(data).encode()).decode()
+
+
+def _at(seconds_from_now: float) -> object:
+    from datetime import UTC, datetime, timedelta
+
+    return datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+
+
+async def sql(dsn: str, query: str, *args: object) -> object:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def due_over(dsn: str, seconds: float | None, limit: int | None = None) -> None:
+    """Make the kept grants due spread over `seconds` from now (None: none due); `limit` users only."""
+    if seconds is None:
+        await sql(dsn, "UPDATE gitlab_grants SET next_sync_at = NULL WHERE refresh_token IS NOT NULL")
+        return
+    await sql(dsn, """
+        UPDATE gitlab_grants g SET next_sync_at = now() + make_interval(secs => $1 * r.n / r.total)
+        FROM (SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS n, count(*) OVER () AS total
+              FROM gitlab_grants WHERE refresh_token IS NOT NULL ORDER BY user_id LIMIT $2) r
+        WHERE g.user_id = r.user_id""", seconds, limit)
+
+
+async def stat_blocks(dsn: str) -> int:
+    got = await sql(dsn, "SELECT blks_hit + blks_read FROM pg_stat_database WHERE datname = current_database()")
+    assert isinstance(got, int)
+    return got
+
+
+async def claim_plan(dsn: str) -> str:
+    """EXPLAIN (ANALYZE, BUFFERS) of one claim of 64 due users, rolled back."""
+    sys.path.insert(0, str(REPO))
+    from gateway.db import grants
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + grants.CLAIM_DUE,
+                                    "bench", 60.0, 64)
+            raise _Rollback([r[0] for r in rows])
+    except _Rollback as done:
+        return "\n".join(done.lines)
+    finally:
+        await conn.close()
+
+
+class _Rollback(Exception):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+
+# ---- phases ---------------------------------------------------------------------------------------------------
+
+def start_gateway(procs: Processes, workdir: Path, dsn: str, upstream: str, gitlab: str
+                  ) -> tuple[str, subprocess.Popen[bytes]]:
+    path, public, admin = gateway_config(
+        workdir, f"gateway-{free_port()}", dsn=dsn, upstream=upstream, workers=1,
+        extra={"provisioning": {"resync_interval": "15m", "resync_grace": "1h"},
+               "gitlab": {"url": gitlab, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}})
+    proc = procs.start([sys.executable, "-m", "gateway", "run", "-c", str(path)], path.stem, cwd=REPO)
+    wait_ready(admin, proc)
+    return f"http://127.0.0.1:{public}", proc
+
+
+def drain(dsn: str, count: int, gateway: subprocess.Popen[bytes], standin: subprocess.Popen[bytes]
+          ) -> dict[str, float]:
+    """Make `count` users due now and time the scheduler until every one is re-checked."""
+    asyncio.run(due_over(dsn, None))
+    blocks0, cpu0, cpu_s0 = asyncio.run(stat_blocks(dsn)), cpu_seconds([gateway]), cpu_seconds([standin])
+    started = time.monotonic()
+    asyncio.run(due_over(dsn, 0.0, count))
+    while asyncio.run(sql(dsn, "SELECT count(*) FROM gitlab_grants WHERE next_sync_at <= now()")):
+        if time.monotonic() - started > 600:
+            raise SystemExit("the drain did not finish in 10 minutes")
+        time.sleep(0.2)
+    elapsed = time.monotonic() - started
+    failed = asyncio.run(sql(dsn, "SELECT count(*) FROM gitlab_grants WHERE failures > 0 OR refresh_token IS NULL"))
+    return {"elapsed": elapsed, "rate": count / elapsed, "cpu_per": (cpu_seconds([gateway]) - cpu0) / count,
+            "standin_cpu_per": (cpu_seconds([standin]) - cpu_s0) / count,
+            "blocks_per": (asyncio.run(stat_blocks(dsn)) - blocks0) / count, "failed": float(failed)}  # type: ignore[arg-type]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--drain", type=int, default=2_000, help="users made due at once for the ceiling")
+    parser.add_argument("--seconds", type=int, default=8, help="each wrk round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved idle/steady rounds")
+    parser.add_argument("--small", type=int, default=1_000)
+    parser.add_argument("--large", type=int, default=100_000)
+    parser.add_argument("--standin", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.standin:
+        standin_main(int(args.standin[0]), int(args.standin[1]), Path(args.standin[2]))
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="gwbench-resync-"))
+    workdir.chmod(0o755)
+    procs = Processes(workdir)
+    out: list[str] = []
+    try:
+        (workdir / "www").mkdir()
+        (workdir / "www" / "index.html").write_bytes(PAGE)
+        up, _ = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
+        upstream = f"http://127.0.0.1:{up}"
+
+        # 1 and 2: --users users with active sessions, one gateway process.
+        gitlab, tokens, standin = start_standin(procs, workdir, args.users)
+        with database(workdir) as dsn:
+            cookie = asyncio.run(seed(dsn, tokens, total=args.users, spread=None))
+            public, gateway = start_gateway(procs, workdir, dsn, upstream, gitlab)
+            target = f"{public}/index.html"
+            wrk(target, cookie, duration=1, connections=32)  # warm-up
+            idle, steady, rechecked = [], [], 0
+            for _ in range(args.rounds):
+                asyncio.run(due_over(dsn, None))
+                idle.append(wrk(target, cookie, duration=args.seconds, connections=32).rps)
+                asyncio.run(due_over(dsn, INTERVAL))  # the steady rate: users/900 re-checks per second
+                before = asyncio.run(sql(dsn, "SELECT count(*) FROM audit_events WHERE action = 'sync.resync'"))
+                steady.append(wrk(target, cookie, duration=args.seconds, connections=32).rps)
+                after = asyncio.run(sql(dsn, "SELECT count(*) FROM audit_events WHERE action = 'sync.resync'"))
+                rechecked += int(after) - int(before)  # type: ignore[call-overload]
+            ceiling = drain(dsn, min(args.drain, args.users), gateway, standin)
+            procs.stop(gateway)
+        procs.stop(standin)
+        steady_rate = args.users / INTERVAL
+        out.append(f"users with an active session: {args.users}, resync_interval 15m (steady rate "
+                   f"{steady_rate:.1f} re-checks/s), one gateway process, stand-in answering from memory")
+        out.append("")
+        out.append("| figure | value |")
+        out.append("|---|---|")
+        out.append(f"| proxied req/s, scheduler idle (median of {args.rounds}) | {statistics.median(idle):.0f} |")
+        out.append(f"| proxied req/s, scheduler at the steady rate (median of {args.rounds}) | "
+                   f"{statistics.median(steady):.0f} ({statistics.median(steady) / statistics.median(idle):.1%}"
+                   f" of idle; {rechecked} re-checks during those rounds) |")
+        out.append(f"| re-checks/s sustained, {min(args.drain, args.users)} due at once | {ceiling['rate']:.0f} "
+                   f"({ceiling['failed']:.0f} failed) |")
+        out.append(f"| gateway CPU per re-check | {ceiling['cpu_per'] * 1000:.2f} ms (stand-in: "
+                   f"{ceiling['standin_cpu_per'] * 1000:.2f} ms) |")
+        out.append(f"| gateway CPU share at the steady rate | {ceiling['cpu_per'] * steady_rate:.1%} of one core |")
+        out.append(f"| rounds idle / steady req/s | {' '.join(f'{r:.0f}' for r in idle)} / "
+                   f"{' '.join(f'{r:.0f}' for r in steady)} |")
+
+        # 3: the same 1,000 active users in a small and a large users table.
+        plans = {}
+        for total in (args.small, args.large):
+            gitlab, tokens, standin = start_standin(procs, workdir, min(1000, args.small))
+            with database(workdir) as dsn:
+                asyncio.run(seed(dsn, tokens, total=total, spread=None))
+                plans[total] = asyncio.run(claim_plan_due(dsn))
+                _, gateway = start_gateway(procs, workdir, dsn, upstream, gitlab)
+                got = drain(dsn, len(tokens), gateway, standin)
+                procs.stop(gateway)
+            procs.stop(standin)
+            out.append(f"| users table {total:,} rows, {len(tokens):,} due: buffers touched per re-check | "
+                       f"{got['blocks_per']:.0f} ({got['rate']:.0f} re-checks/s, "
+                       f"{got['cpu_per'] * 1000:.2f} ms CPU each) |")
+        for total, plan in plans.items():
+            out.append("")
+            out.append(f"Claim query (64 of 1,000 due) with {total:,} users:")
+            out.extend(f"    {line}" for line in plan.splitlines())
+    finally:
+        procs.stop_all()
+    print("\n".join(out))
+    return 0
+
+
+async def claim_plan_due(dsn: str) -> str:
+    await due_over(dsn, 0.0)
+    try:
+        return await claim_plan(dsn)
+    finally:
+        await due_over(dsn, None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
