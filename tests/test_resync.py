@@ -309,3 +309,18 @@ async def test_cli_users_sync(gateway_factory: Any, db: asyncpg.Pool, write_conf
     await db.execute("INSERT INTO users (login, provisioned_by) VALUES ('bob', 'admin')")
     _, err = await cli("users", "sync", "bob", expect=2)
     assert "No GitLab grant" in err
+
+
+async def test_a_failed_group_listing_changes_nothing(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    """SPEC §5 rule 1 at a re-check: the token refresh succeeds but the groups cannot be listed: the rotated
+    token is kept (the next re-check works), memberships and sessions stay, the user is `retrying`."""
+    gw = await started(gateway_factory, db, "acme", resync_grace="1h")
+    async with gw.browser() as b:
+        await b.sign_in("alice")
+        gw.fake.remove_member("alice", "acme")
+        gw.fake.fail("groups", 500, times=None)
+        await wait_until(lambda: _has_failure(db))
+        assert await groups_header(b) == "acme,gateway-users"
+        gw.fake.clear_failures()
+        await header_becomes(b, "gateway-users")
+    assert max(gw.fake.refresh_calls.values()) == 1
