@@ -26,9 +26,11 @@ from gateway.db.server import create_pool
 from gateway.errors import GatewayError, Unauthenticated
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore, running_listener
+from gateway.sessions.tokens import TokenStore, flushing
 from gateway.sync.gitlab import GitLabClient
 from gateway.sync.resync import RUN_SCHEDULER, resync_ctx
 from gateway.web import access, auth_request, login, webhook
+from gateway.web import tokens as web_tokens
 from gateway.web.pages import NO_STORE, render
 
 log = logging.getLogger("gateway.app")
@@ -135,6 +137,18 @@ async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    """SPEC §14: bearer tokens on the public listener, with their usage written in the background."""
+    cfg = app[keys.CONFIG]
+    if not cfg.tokens.enabled:
+        yield
+        return
+    store = TokenStore(cfg, app[keys.POOL], app[keys.GITLAB])
+    app[keys.SESSIONS].tokens = store
+    async with flushing(store):
+        yield
+
+
 async def gitlab_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[keys.CONFIG]
     session = GitLabClient.make_session(cfg.gitlab)
@@ -163,7 +177,7 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
     app[keys.ACCESS] = access.Access.from_config(cfg, app[keys.HEADER_POLICY])
     app[access.SIGNER] = app[keys.ACCESS].signer
-    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, resync_ctx, proxy.upstream_ctx])
+    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, resync_ctx, tokens_ctx, proxy.upstream_ctx])
     p = cfg.server.prefix
     if cfg.gitlab.webhook_secret:
         app.router.add_post(f"{p}/gitlab/webhook", webhook.receive)
@@ -174,6 +188,7 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app.router.add_get(f"{p}/auth", auth_request.auth)
     app.router.add_get(f"{p}/userinfo", auth_request.userinfo)
     app.router.add_get(f"{p}/jwks.json", access.jwks)
+    web_tokens.add_routes(app, p)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 

@@ -85,6 +85,7 @@ class AdminToken:
 class AdminConfig:
     listen: Listen = Listen("127.0.0.1", 4181)
     tokens: tuple[AdminToken, ...] = field(default=(), repr=False)
+    groups: tuple[str, ...] = ()  # SPEC §15: local groups whose members get {prefix}/admin/; empty = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,15 @@ class HeadersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokensConfig:
+    """SPEC §14: personal access tokens for programs."""
+
+    enabled: bool = False
+    max_lifetime: float = 90 * 86400.0
+    accept_gitlab_tokens: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -174,6 +184,7 @@ class Config:
     routes: RoutesConfig = RoutesConfig()
     headers: HeadersConfig = HeadersConfig()
     log: LogConfig = LogConfig()
+    tokens: TokensConfig = TokensConfig()
     upstreams: tuple[UpstreamRoute, ...] = ()  # SPEC §13; empty = the single `upstream:` for everything
     policy: tuple[PolicyRuleConfig, ...] = ()
 
@@ -494,7 +505,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
         "header_timeout": _duration, "idle_timeout": _duration, "max_connections": _int(1, 1_000_000),
         "shutdown_grace": _duration,
     }),
-    "admin": (AdminConfig, {"listen": _listen, "tokens": _tokens}),
+    "admin": (AdminConfig, {"listen": _listen, "tokens": _tokens, "groups": _str_list}),
     "upstream": (UpstreamConfig, {
         "url": _http_url(allow_path=True), "timeout": _duration, "connect_timeout": _duration,
         "pass_host_header": _bool, "websockets": _bool,
@@ -523,6 +534,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
         "assertion": lambda v, path, p: None if v is None else _header_name(v, path, p),
         "assertion_keys": parse_assertion_keys,
     }),
+    "tokens": (TokensConfig, {"enabled": _bool, "max_lifetime": _duration, "accept_gitlab_tokens": _bool}),
     "log": (LogConfig, {"level": _choice("debug", "info", "warning", "error"), "format": _choice("json", "text")}),
 }
 

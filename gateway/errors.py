@@ -35,6 +35,7 @@ class GatewayError(Exception):
     retry_after: int | None = None  # seconds, sent as Retry-After
     # A refusal page's way out: GitLab's page where the user can sign out to come back as someone else.
     switch_account_url: str | None = None
+    json_only = False  # answered as JSON even to a browser (bad bearer tokens: SPEC §14)
 
     def __init__(self, message: str | None = None, *, code: str | None = None, advice: str | None = None,
                  retry_url: str | None = None) -> None:

@@ -18,6 +18,7 @@ class Identity:
     groups: tuple[str, ...]
     gitlab_id: int | None = None  # the assertion's `sub` (SPEC §13)
     sid_hash: str = ""  # the assertion's `sid`: a hash of the session id, set by the session cache
+    via_token: bool = False  # SPEC §14: authenticated by a bearer token (its header never goes upstream)
     # Precomputed once per session-cache entry: the proxy sends it on every request (SPEC §4).
     groups_csv: str = field(init=False, repr=False, compare=False)
     # SPEC §11: past this Unix time GitLab has not confirmed the user's access for too long (None: no limit).

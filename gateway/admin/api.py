@@ -18,7 +18,9 @@ from gateway.app import ADMIN_ACTOR
 from gateway.errors import BadRequest, NotFound, Unprocessable
 from gateway.services import accounts, audit, groups, sessions, shapes
 from gateway.sync.resync import RESYNC
+from gateway.services import tokens as svc_tokens
 from gateway.web.pages import NO_STORE
+from gateway.web.tokens import token_id
 
 API = "/api/v1"
 MAX_ID_DIGITS = 18  # bigint ids; a longer number cannot name a row
@@ -208,6 +210,29 @@ async def list_audit(request: web.Request) -> web.Response:
     return _json(shapes.page(page, shapes.event))
 
 
+# ---- tokens (SPEC §14) ----------------------------------------------------------------------------------
+
+async def list_tokens(request: web.Request) -> web.Response:
+    page = await svc_tokens.list_tokens(request.app[keys.POOL], login=request.query.get("login") or None,
+                                        include_spent=bool(_query_bool(request, "all")), **_page_args(request))
+    return _json(shapes.page(page, shapes.token))
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await _body(request, {"login": str, "name": str}, {"expires_in_days": int})
+    new = await svc_tokens.create_token(request.app[keys.POOL], login=body["login"], name=body["name"],
+                                        days=body.get("expires_in_days"),
+                                        max_lifetime=request.app[keys.CONFIG].tokens.max_lifetime,
+                                        actor=request[ADMIN_ACTOR])
+    return _json({**shapes.token(new.token), "token": new.secret}, 201, location=f"{API}/tokens/{new.token.id}")
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    await svc_tokens.revoke_token(request.app[keys.POOL], token_id(request.match_info["id"]),
+                                  actor=request[ADMIN_ACTOR])
+    return _no_content()
+
+
 def add_routes(app: web.Application) -> None:
     """Register the /api/v1 handlers."""
     r = app.router
@@ -227,3 +252,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get(f"{API}/sessions", list_sessions)
     r.add_delete(f"{API}/sessions/{{id}}", revoke_session)
     r.add_get(f"{API}/audit", list_audit)
+    r.add_get(f"{API}/tokens", list_tokens)
+    r.add_post(f"{API}/tokens", create_token)
+    r.add_delete(f"{API}/tokens/{{id}}", revoke_token)

@@ -27,6 +27,7 @@ from gateway.db import migrate as db_migrate
 from gateway.db.server import create_pool, describe, resolve_dsn
 from gateway.errors import GatewayError
 from gateway.services import accounts, groups, paging, sessions, shapes
+from gateway.services import tokens as svc_tokens
 
 T = TypeVar("T")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a newline in a description must not break the table
@@ -262,6 +263,33 @@ async def sessions_revoke(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     _report(args, shapes.session(session), f"revoked session of {session.login}")
 
 
+# ---- tokens (SPEC §14) ----------------------------------------------------------------------------------
+
+async def tokens_list(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
+    items = await _all(lambda c: svc_tokens.list_tokens(pool, login=args.login, include_spent=args.all, cursor=c,
+                                                        limit=paging.MAX_LIMIT))
+    _listing(args, items, shapes.token, ["ID", "LOGIN", "NAME", "CREATED_BY", "EXPIRES", "LAST_USED", "REVOKED"],
+             lambda t: [t.id, t.login, t.name, t.created_by, _when(t.expires_at), _when(t.last_used_at),
+                        _when(t.revoked_at)])
+
+
+async def tokens_create(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    new = await svc_tokens.create_token(pool, login=args.login, name=args.name, days=args.days,
+                                        max_lifetime=cfg.tokens.max_lifetime, actor=actor())
+    if args.json:
+        _print_json({**shapes.token(new.token), "token": new.secret})
+    else:
+        print(f"created token {new.token.id} ({new.token.name}) for {new.token.login}, expires "
+              f"{_when(new.token.expires_at)}; it is shown only now:")
+        print(new.secret)
+
+
+async def tokens_revoke(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
+    token = await svc_tokens.revoke_token(pool, args.id, actor=actor())
+    _report(args, shapes.token(token), f"revoked token {token.id} ({token.name}) of {token.login}")
+
+
 # ---- argparse -------------------------------------------------------------------------------------------
 
 def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -323,6 +351,17 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--login", default=None, help="only this user's sessions")
     p = leaf(s, "revoke", sessions_revoke, "revoke one session everywhere")
     p.add_argument("id", metavar="ID")
+
+    t = nested("tokens", "list, create and revoke personal access tokens")
+    p = leaf(t, "list", tokens_list, "list usable tokens, newest first")
+    p.add_argument("--login", default=None, help="only this user's tokens")
+    p.add_argument("--all", action="store_true", help="include revoked and expired tokens")
+    p = leaf(t, "create", tokens_create, "create a token for a user and print it (shown only once)")
+    p.add_argument("login", metavar="LOGIN", help="the owner: the token acts as this user")
+    p.add_argument("--name", required=True, help="what uses the token (a CI job, a script)")
+    p.add_argument("--days", type=int, default=None, help="lifetime in days (default and most: tokens.max_lifetime)")
+    p = leaf(t, "revoke", tokens_revoke, "revoke a token everywhere")
+    p.add_argument("id", metavar="ID", type=int)
 
 
 def _needs_action(args: argparse.Namespace) -> int:

@@ -242,9 +242,10 @@ class _Token:
     revoked: bool = False
     grant_id: str = ""  # every token of one authorization, across refresh rotations
     used: bool = False  # its refresh token was already exchanged (single use)
+    personal: bool = False  # a personal access token (glpat-...): no 2-hour lifetime, no refresh token
 
     def expired(self, now: float) -> bool:
-        return self.created_at + ACCESS_TOKEN_LIFETIME <= now
+        return not self.personal and self.created_at + ACCESS_TOKEN_LIFETIME <= now
 
 
 @dataclass(frozen=True)
@@ -728,6 +729,14 @@ class FakeGitLab:
         token = self._issue(client_id, self.user(user).id, tuple(scopes), int(self.clock()))
         return IssuedToken(token.access_token, token.refresh_token, token.client_id, token.user_id, token.scopes,
                            token.created_at, token.revoked)
+
+    def add_personal_access_token(self, user: int | str, scopes: tuple[str, ...] = ("read_user",)) -> str:
+        """A personal access token of `user`, as GitLab's UI creates (glpat- + 20 characters); revoke it with
+        revoke_token. The API accepts it like an OAuth token (Authorization: Bearer)."""
+        value = "glpat-" + secrets.token_urlsafe(15)[:20]
+        now = int(self.clock())
+        self._tokens[value] = _Token(value, "", "", self.user(user).id, scopes, now, now, personal=True)
+        return value
 
     def expire_token(self, access_token: str) -> None:
         """Age an access token past its 7200 s lifetime (its refresh token stays valid)."""

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from gateway.db.audit import AuditEvent
 from gateway.db.groups import Group
 from gateway.db.sessions import SessionRow
+from gateway.db.tokens import Token
 from gateway.errors import BadRequest
 from gateway.services.accounts import UserDetails
 from gateway.services.groups import Member
@@ -71,3 +72,10 @@ def event(e: AuditEvent) -> Json:
 
 def page(p: Page[T], item: Callable[[T], Json]) -> Json:
     return {"items": [item(i) for i in p.items], "next": p.next}
+
+
+def token(t: Token) -> Json:
+    """SPEC §14: a token as listed (never its secret, which only the answer to its creation carries)."""
+    return {"id": t.id, "name": t.name, "login": t.login, "created_by": t.created_by,
+            "created_at": time(t.created_at), "expires_at": time(t.expires_at),
+            "last_used_at": time(t.last_used_at), "revoked_at": time(t.revoked_at)}

@@ -34,6 +34,7 @@ from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
 from gateway.errors import AccessUnconfirmed, DatabaseUnavailable
 from gateway.identity import ANONYMOUS, Anonymous, Identity
+from gateway.sessions.tokens import TokenStore
 
 log = logging.getLogger("gateway.sessions")
 
@@ -100,6 +101,8 @@ class SessionStore:
         self._generation = 0
         self.listening = False
         self._storage = self._make_storage()
+        # SPEC §14: bearer tokens, when tokens.enabled (set by the app's tokens_ctx); invalidated with sessions.
+        self.tokens: TokenStore | None = None
 
     # ---- cookies ------------------------------------------------------------------------------------
 
@@ -151,7 +154,12 @@ class SessionStore:
     # ---- identity -----------------------------------------------------------------------------------
 
     async def identify(self, request: web.BaseRequest) -> Identity | Anonymous:
-        """Who sent this request: from the cache when fresh, else one indexed query."""
+        """Who sent this request: from the cache when fresh, else one indexed query. A bearer token for the
+        gateway (SPEC §14) takes precedence over the cookie; a bad one is BadToken (401 JSON)."""
+        if self.tokens is not None and "Authorization" in request.headers:
+            token = self.tokens.claims(request.headers["Authorization"])
+            if token is not None:
+                return await self.tokens.identify(token, request.remote)
         ref = self.request_ref(request)
         if ref is None:
             return ANONYMOUS
@@ -230,11 +238,15 @@ class SessionStore:
 
     def invalidate_user(self, user_id: int) -> None:
         self._generation += 1
+        if self.tokens is not None:
+            self.tokens.invalidate_user(user_id)
         for sid in self._by_user.pop(user_id, set()):
             self._cache.pop(sid, None)
 
     def invalidate_all(self) -> None:
         self._generation += 1
+        if self.tokens is not None:
+            self.tokens.invalidate_all()
         self._cache.clear()
         self._by_user.clear()
 
@@ -244,6 +256,9 @@ class SessionStore:
             self.invalidate_session(key)
         elif kind == "user" and key.isdigit():
             self.invalidate_user(int(key))
+        elif kind == "token" and key.isdigit():
+            if self.tokens is not None:
+                self.tokens.invalidate_token(int(key))
         else:  # "all", or a group whose members changed: cheap enough to start afresh
             self.invalidate_all()
 

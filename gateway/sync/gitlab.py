@@ -266,23 +266,18 @@ class GitLabClient:
 
     async def fetch_user(self, token: str) -> GitLabUser:
         """GET /api/v4/user; a blocked (or otherwise inactive) account is refused."""
+        return _user(await self._request("user", "GET", "/api/v4/user", token=token))
+
+    async def token_owner(self, token: str) -> GitLabUser | None:
+        """SPEC §14: whose GitLab access token this is; None when GitLab refuses the token (invalid, expired,
+        revoked) or its user is not active."""
         answer = await self._request("user", "GET", "/api/v4/user", token=token)
-        body = _ok_json(answer)
-        if not isinstance(body, dict):
-            raise _shape(answer)
-        uid, username, state = body.get("id"), body.get("username"), body.get("state")
-        name, email = body.get("name"), body.get("email")
-        if (not isinstance(uid, int) or isinstance(uid, bool) or not isinstance(username, str) or not username
-                or not isinstance(state, str) or not isinstance(name, str | None)
-                or not isinstance(email, str | None)):
-            raise _shape(answer)
-        # confirmed_at is null for an unconfirmed address; GitLab versions without the field are taken at
-        # their word (they refused unconfirmed users outright).
-        user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state=state,
-                          email_verified=body.get("confirmed_at", "") is not None)
-        if user.state != "active":
-            raise _inactive(user.state, user)
-        return user
+        if answer.status in (401, 403):
+            return None
+        try:
+            return _user(answer)
+        except SignInRefused:
+            return None
 
     async def fetch_groups(self, token: str) -> tuple[GitLabGroup, ...]:
         """Every page of the user's groups (direct membership >= Guest, plus descendants), or an error."""
@@ -431,6 +426,26 @@ class GitLabClient:
 
 # ------------------------------------------------------------------------------------------------------------
 # Reading answers
+
+
+def _user(answer: _Answer) -> GitLabUser:
+    """The user of a GET /api/v4/user answer; a blocked (or otherwise inactive) account is refused."""
+    body = _ok_json(answer)
+    if not isinstance(body, dict):
+        raise _shape(answer)
+    uid, username, state = body.get("id"), body.get("username"), body.get("state")
+    name, email = body.get("name"), body.get("email")
+    if (not isinstance(uid, int) or isinstance(uid, bool) or not isinstance(username, str) or not username
+            or not isinstance(state, str) or not isinstance(name, str | None)
+            or not isinstance(email, str | None)):
+        raise _shape(answer)
+    # confirmed_at is null for an unconfirmed address; GitLab versions without the field are taken at
+    # their word (they refused unconfirmed users outright).
+    user = GitLabUser(id=uid, username=username, name=name or "", email=email or "", state=state,
+                      email_verified=body.get("confirmed_at", "") is not None)
+    if user.state != "active":
+        raise _inactive(user.state, user)
+    return user
 
 
 def _json(body: bytes) -> Any:

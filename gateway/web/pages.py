@@ -37,7 +37,7 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
         headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
-    if json_only or not wants_html(request):
+    if json_only or err.json_only or not wants_html(request):
         body = {"error": err.code, "message": err.message, **(err.details or {})}
         return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
                             headers=headers)

@@ -179,6 +179,8 @@ def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | A
     # aiohttp's server already answered "100 Continue" when the handler started reading; passed on, the
     # header would make the client library wait for a second 100 that an HTTP/1.0 upstream never sends.
     headers.popall("Expect", None)
+    if isinstance(identity, Identity) and identity.via_token:
+        headers.popall("Authorization", None)  # SPEC §14: the token is the gateway's, never the tool's
     access = proxy.access
     if access.assertion_header is not None and access.signer is not None and isinstance(identity, Identity):
         headers[access.assertion_header] = access.signer.token(identity, identity.sid_hash, proxy.audience)
