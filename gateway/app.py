@@ -29,8 +29,9 @@ from gateway.sessions.store import SessionStore, running_listener
 from gateway.sessions.tokens import TokenStore, flushing
 from gateway.sync.gitlab import GitLabClient
 from gateway.sync.resync import RUN_SCHEDULER, resync_ctx
-from gateway.web import access, auth_request, login, webhook
+from gateway.web import access, auth_request, html, login, me, webhook
 from gateway.web import tokens as web_tokens
+from gateway.web.forms import FORMS, FormTokens
 from gateway.web.pages import NO_STORE, render
 
 log = logging.getLogger("gateway.app")
@@ -66,6 +67,11 @@ def _next_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_counter):08x}"
 
 
+def _json_errors(request: web.Request) -> bool:
+    # The admin listener's pages (/admin/) are for people: their errors are pages like the public ones.
+    return request.app.get(JSON_ERRORS, False) and not request.path.startswith("/admin/")
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, domain errors -> pages/JSON, unexpected errors -> a 500 page without a traceback."""
@@ -80,7 +86,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     except web.HTTPException as exc:
         status = exc.status
-        if status >= 400 and request.app.get(JSON_ERRORS):
+        if status >= 400 and _json_errors(request):
             # aiohttp's own 404/405/413 are plain text: the admin API answers every error in its JSON shape.
             err = GatewayError(exc.reason, code=exc.reason.lower().replace(" ", "_"), advice="")
             err.status = status
@@ -88,7 +94,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except GatewayError as err:
         status = err.status
-        return render(request, err, request_id=request_id, json_only=request.app.get(JSON_ERRORS, False))
+        return render(request, err, request_id=request_id, json_only=_json_errors(request))
     except Exception:
         log.exception("unhandled error", extra={"request_id": request_id})
         return render(request, GatewayError("The gateway failed to handle this request"), request_id=request_id)
@@ -189,6 +195,12 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app.router.add_get(f"{p}/userinfo", auth_request.userinfo)
     app.router.add_get(f"{p}/jwks.json", access.jwks)
     web_tokens.add_routes(app, p)
+    html.setup(app)
+    app[FORMS] = FormTokens(cfg.session.secrets)
+    me.add_routes(app, p)
+    from gateway.admin import pages as admin_pages
+
+    admin_pages.add_routes(app, f"{p}/admin", admin_pages.public_viewer)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -257,6 +269,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
                      metrics_source: Callable[[], Metrics] | None = None) -> web.Application:
     """The admin listener: /healthz, /readyz, /metrics and the /api/v1 JSON API."""
     from gateway.admin import api as admin_api
+    from gateway.admin import pages as admin_pages
 
     app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
     app.middlewares.append(bearer_middleware)
@@ -271,4 +284,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
     app[access.SIGNER] = access.make_signer(cfg)
     app.router.add_get("/jwks.json", access.jwks)
     admin_api.add_routes(app)
+    html.setup(app)
+    app[FORMS] = FormTokens(cfg.session.secrets)
+    admin_pages.add_admin_listener_routes(app)
     return app

@@ -187,6 +187,10 @@ BAD_VALUES = [
     ("headers", "assertion_keys", ["-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----"],
      "headers.assertion_keys[0]: must be an unencrypted PEM private key"),
     ("log", "level", "trace", "log.level: must be one of debug, info, warning, error"),
+    ("admin", "groups", "admins", "admin.groups: must be a list of strings"),
+    ("tokens", "enabled", "yes", "tokens.enabled: must be true or false"),
+    ("tokens", "max_lifetime", "forever", "tokens.max_lifetime: must be a positive duration like 30s, 5m or 8h"),
+    ("tokens", "accept_gitlab_tokens", 1, "tokens.accept_gitlab_tokens: must be true or false"),
     ("log", "format", "xml", "log.format: must be one of json, text"),
 ]
 

@@ -98,3 +98,6 @@ async def checked_form(request: web.Request, forms: FormTokens, pool: asyncpg.Po
     fields = {k: v for k, v in data.items() if isinstance(v, str)}
     await forms.spend(pool, binding, fields.get(FIELD))
     return fields
+
+
+FORMS = web.AppKey("forms", FormTokens)
