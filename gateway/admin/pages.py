@@ -32,7 +32,7 @@ from gateway.web.forms import FORMS, check_origin, checked_form, origin_of
 from gateway.web.html import render
 from gateway.web.login import start_url
 from gateway.web.me import is_admin
-from gateway.web.pages import redirect, wants_html
+from gateway.web.pages import FORM_POST, redirect, wants_html
 
 ADMIN_COOKIE = "_gateway_admin"
 ADMIN_COOKIE_TTL = 8 * 3600
@@ -117,6 +117,7 @@ async def sign_in_page(request: web.Request) -> web.Response:
 
 async def sign_in(request: web.Request) -> web.StreamResponse:
     """POST /admin/sign_in (token): the admin token, compared in constant time with every configured one."""
+    request[FORM_POST] = True
     check_origin(request, _own_origin(request))
     presented = str((await request.post()).get("token", "")).strip().encode()
     name = None
@@ -154,6 +155,7 @@ def _page(request: web.Request, viewer: Viewer, template: str, title: str, **con
 
 
 async def _form(request: web.Request) -> tuple[Viewer, dict[str, str]]:
+    request[FORM_POST] = True  # a non-administrator's post is refused with a page too
     viewer = await _viewer(request)
     fields = await checked_form(request, request.app[FORMS], request.app[keys.POOL], viewer.binding, viewer.origin)
     return viewer, fields

@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway.db import tokens as db_tokens
 from gateway.errors import Forbidden
 from gateway.services._db import transaction
+from gateway.web.pages import FORM_POST
 
 FORM_TTL = 4 * 3600.0
 FIELD = "csrf"
@@ -93,6 +94,7 @@ class FormTokens:
 async def checked_form(request: web.Request, forms: FormTokens, pool: asyncpg.Pool, binding: str,
                        allowed_origin: str) -> dict[str, str]:
     """The fields of a posted form that passed both checks (Origin, then the single-use token)."""
+    request[FORM_POST] = True
     check_origin(request, allowed_origin)
     data = await request.post()
     fields = {k: v for k, v in data.items() if isinstance(v, str)}

@@ -22,7 +22,7 @@ from gateway.services import accounts, sessions, tokens
 from gateway.web.forms import FORMS, checked_form, origin_of
 from gateway.web.html import render
 from gateway.web.login import start_url
-from gateway.web.pages import redirect, wants_html
+from gateway.web.pages import FORM_POST, redirect, wants_html
 
 SOURCES = {"sync": "from GitLab", "manual": "added by an administrator", "default": "every user"}
 NOTICES = {"session": "The session was signed out everywhere.", "revoked": "The token was revoked everywhere."}
@@ -89,6 +89,7 @@ async def tokens_page(request: web.Request) -> web.StreamResponse:
 
 
 async def _form(request: web.Request) -> tuple[Identity, dict[str, str]]:
+    request[FORM_POST] = True
     identity = await _identity(request)
     cfg = request.app[keys.CONFIG]
     fields = await checked_form(request, request.app[FORMS], request.app[keys.POOL], identity.sid_hash,

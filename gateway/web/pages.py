@@ -25,6 +25,10 @@ background:#554488;color:#fff;border-radius:4px;text-decoration:none}}</style></
 """
 
 
+# Set by the pages' form handlers (SPEC §15): a browser posting a form gets its refusal as a page too.
+FORM_POST = web.RequestKey("form_post", bool)
+
+
 def wants_html(request: web.BaseRequest) -> bool:
     """Browsers navigating (GET/HEAD accepting HTML) get pages and redirects; API clients get JSON."""
     return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("Accept", "")
@@ -37,7 +41,8 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
         headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
-    if json_only or err.json_only or not wants_html(request):
+    browser_form = request.get(FORM_POST, False) and "text/html" in request.headers.get("Accept", "")
+    if json_only or err.json_only or not (wants_html(request) or browser_form):
         body = {"error": err.code, "message": err.message, **(err.details or {})}
         return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
                             headers=headers)
