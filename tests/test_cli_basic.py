@@ -13,6 +13,8 @@ import aiohttp
 import asyncpg
 from cryptography.fernet import Fernet
 
+from gateway.db import migrate as db_migrate
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_ENV = {"GATEWAY_ADMIN_TOKEN": "admin-token-0123456789", "GITLAB_CLIENT_SECRET": "secret-from-env",
                "GATEWAY_SESSION_SECRET": Fernet.generate_key().decode()}
@@ -71,7 +73,7 @@ async def test_migrate_twice(write_config, empty_dsn):
     config = write_config(database={"dsn": empty_dsn})
     code, out, err = await gateway("migrate", "-c", str(config))
     assert code == 0, err
-    assert out.strip() == "applied: 0001_initial, 0002_resync"
+    assert out.strip() == "applied: " + ", ".join(m.version for m in db_migrate.available())
     conn = await asyncpg.connect(empty_dsn)
     try:
         before = await conn.fetch("SELECT version, applied_at FROM schema_migrations")

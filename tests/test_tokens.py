@@ -133,6 +133,15 @@ async def test_an_unknown_token_costs_one_query_then_none(gateway_factory):
     for _ in range(5):
         assert (await _get(gw, "/tool", unknown)).status == 401
     assert store.queries == before + 1
+    # A revoked one: refused from then on without a query either.
+    await session_cookie(gw, "alice")
+    made = await _admin_token(gw)
+    async with gw.admin() as admin:
+        assert (await admin.delete(f"/api/v1/tokens/{made['id']}")).status == 204
+    before = store.queries
+    for _ in range(3):
+        assert (await _get(gw, "/tool", made["token"])).status == 401
+    assert store.queries == before + 1
     # Malformed tokens never cost one.
     for _ in range(3):
         assert (await _get(gw, "/tool", "gwp_x")).status == 401

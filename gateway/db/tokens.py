@@ -25,7 +25,7 @@ REVOKE = "UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS N
 # The one query of a token cache miss: the owner's identity, whether or not the token is still usable (the
 # caller tells "unknown" from "revoked/expired/deactivated" so that it can forget the right cache entries).
 IDENTITY_FOR_TOKEN = """
-SELECT t.id AS token_id, t.revoked_at IS NULL AND t.expires_at > now() AND u.active AS usable,
+SELECT t.id AS token_id, t.revoked_at IS NULL AND t.expires_at > now() AS live, u.active,
   EXTRACT(EPOCH FROM t.expires_at)::float8 AS expires_at,
   u.id, u.gitlab_id, u.login, u.email,
   ARRAY(SELECT g.name FROM memberships m JOIN groups g ON g.id = m.group_id

@@ -131,11 +131,12 @@ class TokenStore:
             row = await self.pool.fetchrow(db_tokens.IDENTITY_FOR_TOKEN, key)
         except DB_UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"token look-up failed: {type(exc).__name__}") from None
-        if row is None:
+        if row is None or not row["live"]:
+            # Unknown, revoked or expired: nothing can make it valid again, so never ask again.
             self._refuse(key)
             return None
-        identity = None
-        if row["usable"]:
+        identity = None  # a deactivated owner: remembered until the user's NOTIFY (reactivation) or check_interval
+        if row["active"]:
             identity = Identity(user_id=row["id"], login=row["login"], email=row["email"],
                                 groups=tuple(row["groups"]), gitlab_id=row["gitlab_id"],
                                 sid_hash=session_hash(f"token:{row['token_id']}"), via_token=True)
