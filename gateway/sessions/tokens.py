@@ -148,7 +148,7 @@ class TokenStore:
     async def _ask_gitlab(self, key: bytes, token: str, now: float) -> _Entry | None:
         assert self.gitlab is not None
         generation = self._generation
-        user = await self.gitlab.token_owner(token)  # GitLab unavailable: 502, and nothing remembered
+        user = await self.gitlab.access_token_user(token)  # GitLab unavailable: 502, and nothing remembered
         if user is None:
             entry = _Entry(None, None, None, now, float("inf"))  # refused by GitLab: remembered for check_interval
             if generation == self._generation:

@@ -268,7 +268,7 @@ class GitLabClient:
         """GET /api/v4/user; a blocked (or otherwise inactive) account is refused."""
         return _user(await self._request("user", "GET", "/api/v4/user", token=token))
 
-    async def token_owner(self, token: str) -> GitLabUser | None:
+    async def access_token_user(self, token: str) -> GitLabUser | None:
         """SPEC §14: whose GitLab access token this is; None when GitLab refuses the token (invalid, expired,
         revoked) or its user is not active."""
         answer = await self._request("user", "GET", "/api/v4/user", token=token)
