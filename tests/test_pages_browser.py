@@ -16,7 +16,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.test_demo_browser import CHROMEDRIVER, CHROMIUM
+from tests.test_demo_browser import CHROMEDRIVER, CHROMIUM, driver  # noqa: F401 (the Chromium fixture)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "pages"
 
@@ -33,27 +33,6 @@ pytestmark = [
     pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                        reason="needs Debian's chromium and chromedriver (/usr/bin/chromium, /usr/bin/chromedriver)"),
 ]
-
-
-@pytest.fixture
-def chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1100,900"):
-        options.add_argument(arg)
-    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    drv.set_page_load_timeout(20)
-    try:
-        yield drv
-    finally:
-        drv.quit()
 
 
 def _call(url: str, token: str) -> tuple[int, Any]:
@@ -191,7 +170,7 @@ def _script(drv: Any, gw: Any, evil_url: str) -> dict[str, Any]:
     return seen
 
 
-async def test_pages_in_a_browser(chromium, gateway_factory, db):
+async def test_pages_in_a_browser(driver, gateway_factory, db):  # noqa: F811 (the imported fixture)
     gw = await gateway_factory(tokens={"enabled": True}, admin={"groups": ["admins"]},
                                provisioning={"keep_manual_memberships": True})
     for uid, login in ((10, "alice"), (11, "bob"), (12, "carol")):
@@ -206,7 +185,7 @@ async def test_pages_in_a_browser(chromium, gateway_factory, db):
         assert (await admin.post(f"/api/v1/groups/{group['id']}/members", json={"login": "alice"})).status == 201
     evil = await _evil_site(gw.public_url)
     try:
-        script: Callable[[], dict[str, Any]] = lambda: _script(chromium, gw, str(evil.make_url("")).rstrip("/"))  # noqa: E731
+        script: Callable[[], dict[str, Any]] = lambda: _script(driver, gw, str(evil.make_url("")).rstrip("/"))  # noqa: E731
         seen = await asyncio.to_thread(script)
     finally:
         await evil.close()

@@ -65,6 +65,16 @@ def check_gitlab_id(gitlab_id: int) -> int:
     return gitlab_id
 
 
+async def user_id(conn: asyncpg.Connection, login: str | None) -> int | None:
+    """The id of the user with this login (None for no login); NotFound when there is no such user."""
+    if login is None:
+        return None
+    user = await db_users.by_login(conn, login)
+    if user is None:
+        raise NotFound(f"No user with login {login}")
+    return user.id
+
+
 async def _details(conn: asyncpg.Connection, user: db_users.User) -> UserDetails:
     groups = await db_users.groups_of(conn, [user.id])
     return UserDetails(user, tuple(groups[user.id]), await db_grants.by_user(conn, user.id))

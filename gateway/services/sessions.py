@@ -13,10 +13,9 @@ import asyncpg
 from gateway.db import audit as db_audit
 from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
-from gateway.db import users as db_users
 from gateway.db.sessions import SessionRow
 from gateway.errors import NotFound
-from gateway.services import paging
+from gateway.services import accounts, paging
 from gateway.services._db import transaction
 
 # Session ids are long random strings; audit details keep only a prefix, enough to tell sessions apart.
@@ -35,12 +34,7 @@ async def list_sessions(pool: asyncpg.Pool, *, login: str | None = None, cursor:
         except ValueError:
             raise paging.invalid_cursor() from None
     async with transaction(pool) as conn:
-        user_id = None
-        if login is not None:
-            user = await db_users.by_login(conn, login)
-            if user is None:
-                raise NotFound(f"No user with login {login}")
-            user_id = user.id
+        user_id = await accounts.user_id(conn, login)
         rows = await db_sessions.active_page(conn, user_id=user_id, before=before, limit=n + 1)
     return paging.page(rows, n, lambda s: paging.encode("sessions", s.created_at.isoformat(), s.id))
 

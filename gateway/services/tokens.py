@@ -23,9 +23,8 @@ from gateway.db import tokens as db_tokens
 from gateway.db import users as db_users
 from gateway.db.tokens import Token
 from gateway.errors import NotFound, Unprocessable
-from gateway.services import paging
+from gateway.services import accounts, paging
 from gateway.services._db import transaction
-from gateway.services.accounts import CONTROL_CHARS
 
 PREFIX = "gwp_"
 SECRET_CHARS = 40
@@ -57,7 +56,7 @@ def looks_like_ours(secret: str) -> bool:
 
 
 def check_name(name: str) -> str:
-    if not name.strip() or len(name) > MAX_NAME or CONTROL_CHARS.search(name):
+    if not name.strip() or len(name) > MAX_NAME or accounts.CONTROL_CHARS.search(name):
         raise Unprocessable(f"A token's name must be 1 to {MAX_NAME} printable characters (say what uses it)")
     return name
 
@@ -97,12 +96,7 @@ async def list_tokens(pool: asyncpg.Pool, *, login: str | None = None, include_s
     n = paging.check_limit(limit)
     key = paging.decode("tokens", cursor)
     async with transaction(pool) as conn:
-        user_id = None
-        if login is not None:
-            user = await db_users.by_login(conn, login)
-            if user is None:
-                raise NotFound(f"No user with login {login}")
-            user_id = user.id
+        user_id = await accounts.user_id(conn, login)
         rows = await db_tokens.listing(conn, user_id=user_id, include_spent=include_spent,
                                        before_id=int(key[0]) if key else None, limit=n + 1)
     return paging.page(rows, n, lambda t: paging.encode("tokens", t.id))

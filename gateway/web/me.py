@@ -23,6 +23,7 @@ from gateway.web.forms import FORMS, checked_form, origin_of
 from gateway.web.html import render
 from gateway.web.login import start_url
 from gateway.web.pages import FORM_POST, redirect, wants_html
+from gateway.web.tokens import signed_in
 
 SOURCES = {"sync": "from GitLab", "manual": "added by an administrator", "default": "every user"}
 NOTICES = {"session": "The session was signed out everywhere.", "revoked": "The token was revoked everywhere."}
@@ -34,14 +35,6 @@ class SessionView:
     created_at: datetime
     last_seen_at: datetime
     expires_at: datetime
-
-
-async def _identity(request: web.Request) -> Identity:
-    identity = await request.app[keys.SESSIONS].identify(request)
-    request[keys.IDENTITY] = identity
-    if not isinstance(identity, Identity) or identity.via_token:
-        raise Unauthenticated("Sign in with your browser to see your account page")
-    return identity
 
 
 def is_admin(request: web.Request, identity: Identity) -> bool:
@@ -74,7 +67,7 @@ async def _page(request: web.Request, identity: Identity, **extra: Any) -> web.R
 async def me(request: web.Request) -> web.StreamResponse:
     """GET {prefix}/me."""
     try:
-        identity = await _identity(request)
+        identity = await signed_in(request)
     except Unauthenticated:
         if wants_html(request):
             prefix = request.app[keys.CONFIG].server.prefix
@@ -90,7 +83,7 @@ async def tokens_page(request: web.Request) -> web.StreamResponse:
 
 async def _form(request: web.Request) -> tuple[Identity, dict[str, str]]:
     request[FORM_POST] = True
-    identity = await _identity(request)
+    identity = await signed_in(request)
     cfg = request.app[keys.CONFIG]
     fields = await checked_form(request, request.app[FORMS], request.app[keys.POOL], identity.sid_hash,
                                 origin_of(cfg.server.public_url))

@@ -32,7 +32,7 @@ async def signed_in(request: web.Request) -> Identity:
     identity = await request.app[keys.SESSIONS].identify(request)
     request[keys.IDENTITY] = identity
     if not isinstance(identity, Identity) or identity.via_token:
-        raise NotSignedIn("Sign in with your browser to manage your tokens")
+        raise NotSignedIn("Sign in with your browser to use your account page and tokens")
     return identity
 
 
