@@ -27,7 +27,7 @@ from gateway.services import accounts, paging
 from gateway.services._db import transaction
 
 PREFIX = "gwp_"
-SECRET_CHARS = 40
+RANDOM_CHARS = 40
 ALPHABET = string.digits + string.ascii_letters
 MAX_NAME = 100
 DAY = 86400.0
@@ -42,17 +42,17 @@ class NewToken:
 
 
 def generate() -> str:
-    return PREFIX + "".join(secrets.choice(ALPHABET) for _ in range(SECRET_CHARS))
+    return PREFIX + "".join(secrets.choice(ALPHABET) for _ in range(RANDOM_CHARS))
 
 
 def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
-def looks_like_ours(secret: str) -> bool:
+def looks_like_ours(text: str) -> bool:
     """The exact shape of a gwp_ token: anything else is refused without a database query."""
-    return (len(secret) == len(PREFIX) + SECRET_CHARS and secret.startswith(PREFIX)
-            and all(c in ALPHABET for c in secret[len(PREFIX):]))
+    return (len(text) == len(PREFIX) + RANDOM_CHARS and text.startswith(PREFIX)
+            and all(c in ALPHABET for c in text[len(PREFIX):]))
 
 
 def check_name(name: str) -> str:
@@ -105,13 +105,13 @@ async def list_tokens(pool: asyncpg.Pool, *, login: str | None = None, include_s
 async def revoke_token(pool: asyncpg.Pool, token_id: int, *, actor: str, owner_id: int | None = None) -> Token:
     """Revoke a token everywhere. With `owner_id`, only that user's (self-service: others' are NotFound)."""
     async with transaction(pool) as conn:
-        token = await db_tokens.by_id(conn, token_id)
-        if token is None or (owner_id is not None and token.user_id != owner_id) \
+        found = await db_tokens.by_id(conn, token_id)
+        if found is None or (owner_id is not None and found.user_id != owner_id) \
                 or not await db_tokens.revoke(conn, token_id):
             raise NotFound(f"No usable token with id {token_id}")
         await db_notify.notify(conn, "token", token_id)
-        await db_audit.record(conn, actor, "token.revoked", token.login, token_id=token.id, name=token.name,
-                              login=token.login)
+        await db_audit.record(conn, actor, "token.revoked", found.login, token_id=found.id, name=found.name,
+                              login=found.login)
         revoked = await db_tokens.by_id(conn, token_id)
     assert revoked is not None
     return revoked

@@ -59,7 +59,7 @@ class BadToken(Unauthenticated):
 class _Entry:
     identity: Identity | None  # None: refused
     user_id: int | None  # the owner, when known (a refused token of a deactivated user becomes usable again)
-    token_id: int | None  # gwp_ tokens only
+    row_id: int | None  # the tokens row (gwp_ tokens only)
     fetched: float  # monotonic
     expires: float  # wall clock; +inf for GitLab tokens
 
@@ -117,8 +117,8 @@ class TokenStore:
                 entry = await self._ask_gitlab(key, token, now)
         if entry is None or entry.identity is None:
             raise self._bad()
-        if entry.token_id is not None:
-            self._note_use(entry.token_id, entry.identity.login, remote or "", now)
+        if entry.row_id is not None:
+            self._note_use(entry.row_id, entry.identity.login, remote or "", now)
         return entry.identity
 
     def _bad(self) -> BadToken:
@@ -182,9 +182,9 @@ class TokenStore:
 
     # ---- invalidation (called by SessionStore.on_notification) --------------------------------------
 
-    def invalidate_token(self, token_id: int) -> None:
+    def invalidate_token(self, row_id: int) -> None:
         self._generation += 1
-        for key in [k for k, e in self._cache.items() if e.token_id == token_id]:
+        for key in [k for k, e in self._cache.items() if e.row_id == row_id]:
             del self._cache[key]
 
     def invalidate_user(self, user_id: int) -> None:
