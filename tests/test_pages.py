@@ -3,6 +3,7 @@ form token bound to the session), escaping, and every change audited under the a
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 from typing import Any
@@ -56,6 +57,15 @@ async def _admin_group(gw: Any, name: str = "admins", *members: str) -> int:
         for login in members:
             assert (await admin.post(f"/api/v1/groups/{group_id}/members", json={"login": login})).status == 201
     return group_id
+
+
+async def _until_admin(page: Page) -> None:
+    """The membership change reaches the session cache by NOTIFY: on a busy machine, give it ten seconds."""
+    for _ in range(500):
+        if (await page.get("/oauth2/admin/users")).status == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the new admin membership never reached the session")
 
 
 # ---- /me --------------------------------------------------------------------------------------------------
@@ -167,6 +177,7 @@ async def test_an_admin_manages_groups_users_and_sees_the_audit(gateway_factory,
     alice = Page(gw, await session_cookie(gw, "alice"))
     await session_cookie(gw, "bob", uid=11)
     await _admin_group(gw, "admins", "alice")
+    await _until_admin(alice)
     assert (await alice.get("/oauth2/admin/groups")).status == 200
     r = await alice.post("/oauth2/admin/groups", {"name": "<b>ops", "description": "on call"})
     assert r.status == 302
@@ -202,6 +213,7 @@ async def test_admin_form_errors_are_pages_not_tracebacks(gateway_factory):
     gw = await gateway_factory(admin={"groups": ["admins"]})
     alice = Page(gw, await session_cookie(gw, "alice"))
     await _admin_group(gw, "admins", "alice")
+    await _until_admin(alice)
     await alice.get("/oauth2/admin/groups")
     r = await alice.post("/oauth2/admin/groups", {"name": "admins"})
     assert r.status == 409 and "already exists" in alice.text
