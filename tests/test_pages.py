@@ -207,6 +207,10 @@ async def test_an_admin_manages_groups_users_and_sees_the_audit(gateway_factory,
     assert await db.fetchval("SELECT count(*) FROM groups WHERE id = $1", int(gid)) == 0
     for path in ("/oauth2/admin/sessions", "/oauth2/admin/users?q=b", "/oauth2/admin/provisioning"):
         assert (await alice.get(path)).status == 200, path
+    # SPEC §11: re-check a user with GitLab now (last: it may undo memberships added by hand).
+    await alice.get("/oauth2/admin/users/alice")
+    assert 'id="sync-now"' in alice.text
+    assert (await alice.post("/oauth2/admin/users/alice/sync", {})).status in (302, 409)
 
 
 async def test_admin_form_errors_are_pages_not_tracebacks(gateway_factory):

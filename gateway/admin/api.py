@@ -17,8 +17,8 @@ from gateway import keys
 from gateway.app import ADMIN_ACTOR
 from gateway.errors import BadRequest, NotFound, Unprocessable
 from gateway.services import accounts, audit, groups, sessions, shapes
-from gateway.sync.resync import RESYNC
 from gateway.services import tokens as svc_tokens
+from gateway.sync.resync import RESYNC
 from gateway.web.pages import NO_STORE
 from gateway.web.tokens import token_id
 

@@ -28,6 +28,7 @@ from gateway.errors import BadRequest, Forbidden, NotFound, Unauthenticated, Unp
 from gateway.identity import Identity
 from gateway.services import accounts, audit, groups, sessions, shapes
 from gateway.services import tokens as svc_tokens
+from gateway.sync.resync import RESYNC
 from gateway.web.forms import FORMS, check_origin, checked_form, origin_of
 from gateway.web.html import render
 from gateway.web.login import start_url
@@ -201,7 +202,7 @@ async def user(request: web.Request) -> web.Response:
     own_tokens = (await svc_tokens.list_tokens(pool, login=login, limit=PAGE)).items if cfg.tokens.enabled else ()
     return _page(request, viewer, "admin/user.html", f"User {login}", u=details.user, groups=details.groups,
                  sessions=own_sessions, tokens=own_tokens, tokens_enabled=cfg.tokens.enabled,
-                 can_sync=SYNC_NOW in request.app)
+                 can_sync=RESYNC in request.app)
 
 
 async def set_active(request: web.Request) -> web.StreamResponse:
@@ -214,16 +215,12 @@ async def set_active(request: web.Request) -> web.StreamResponse:
     return _done(viewer, _user_path(changed.login), "activated" if active else "deactivated")
 
 
-# Automatic re-checks (SPEC §11) plug in here: the app sets SYNC_NOW to a function checking one user now.
-SYNC_NOW: web.AppKey[Callable[[web.Request, str, str], Awaitable[None]]] = web.AppKey("admin_sync_now")
-
-
 async def sync_now(request: web.Request) -> web.StreamResponse:
+    """SPEC §11: re-check one user with GitLab now, as POST /api/v1/users/{login}/sync does (409 without a
+    kept grant, 502 when GitLab fails); what it changes is audited by the re-check."""
     viewer, _ = await _form(request)
-    if SYNC_NOW not in request.app:
-        raise NotFound("Re-checking users with GitLab is not part of this gateway build")
     login = request.match_info["login"]
-    await request.app[SYNC_NOW](request, login, viewer.actor)
+    await request.app[RESYNC].check_now(login)
     return _done(viewer, _user_path(login), "synced")
 
 
