@@ -102,16 +102,17 @@ class TokenStore:
 
     async def identify(self, token: str, remote: str | None) -> Identity:
         """The owner of a token, or BadToken."""
-        if len(token) > MAX_HEADER or (self.gitlab is None and not looks_like_ours(token)):
+        ours = looks_like_ours(token)
+        if len(token) > MAX_HEADER or (self.gitlab is None and not ours):
             raise self._bad()
         key = digest(token)
-        if key in self._refused:
-            self._refused.move_to_end(key)
-            raise self._bad()
         now = self._clock()
         entry = self._cache.get(key)
         if entry is None or now - entry.fetched >= self.check_interval or time.time() >= entry.expires:
-            if looks_like_ours(token):
+            if key in self._refused:
+                self._refused.move_to_end(key)
+                raise self._bad()
+            if ours:
                 entry = await self._lookup(key, now)
             else:
                 entry = await self._ask_gitlab(key, token, now)
