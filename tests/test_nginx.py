@@ -6,6 +6,7 @@ browser -> nginx -> echo upstream, nginx asking the gateway's /oauth2/auth for e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import shutil
@@ -123,3 +124,47 @@ async def test_the_whole_flow_through_nginx(gateway_factory, upstream, unused_tc
             r = await b.get("/page?a=1")
             assert r.status == 302
             assert URL(r.headers["Location"]).path == "/oauth2/start"
+
+
+@pytest.mark.parametrize("server_conf", ["auth_request.conf", "auth_request_cached.conf"])
+async def test_a_bearer_token_through_nginx(gateway_factory, upstream, unused_tcp_port_factory, server_conf):
+    """SPEC §14 in auth_request mode: the token is judged by /oauth2/auth on every request (never from the
+    cache), its Authorization header never reaches the tool, and a tool's own Authorization passes."""
+    nginx_port = unused_tcp_port_factory()
+    nginx_url = f"http://127.0.0.1:{nginx_port}"
+    gw = await gateway_factory(server={"public_url": nginx_url, "trusted_proxies": ["127.0.0.1/32"]},
+                               tokens={"enabled": True})
+    gw.fake.add_user(10, "alice", email="alice@example.com")
+    gateway = URL(gw.public_url).raw_authority
+    with run_nginx(server_conf, nginx_port=nginx_port, gateway=gateway, upstream=URL(upstream).raw_authority):
+        via_nginx: Gateway = dataclasses.replace(gw, public_url=nginx_url)
+        async with via_nginx.browser() as b:
+            await b.sign_in("alice", rd="/")
+            cookie = b.cookie("_gateway")
+        async with gw.admin() as admin:
+            r = await admin.post("/api/v1/tokens", json={"login": "alice", "name": "ci"})
+            made = await r.json()
+        bearer = {"Authorization": f"Bearer {made['token']}"}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(2):
+                async with http.get(nginx_url + "/data", headers=bearer, allow_redirects=False) as r:
+                    assert r.status == 200
+                    h = echoed_headers(await r.json())
+                assert h["x-forwarded-user"] == ["alice"] and "authorization" not in h
+            async with http.get(nginx_url + "/data", headers={"Authorization": "Basic dG9vbDpvd24=",
+                                                              "Cookie": f"_gateway={cookie}"}) as r:
+                assert r.status == 200
+                assert echoed_headers(await r.json())["authorization"] == ["Basic dG9vbDpvd24="]
+            # Cookie and token together: answered for the token, so a revoked token is refused at once even
+            # when the cookie's answer is cached.
+            both = {**bearer, "Cookie": f"_gateway={cookie}"}
+            async with http.get(nginx_url + "/data", headers=both, allow_redirects=False) as r:
+                assert r.status == 200
+            async with gw.admin() as admin:
+                assert (await admin.delete(f"/api/v1/tokens/{made['id']}")).status == 204
+            for _ in range(250):
+                async with http.get(nginx_url + "/data", headers=both, allow_redirects=False) as r:
+                    if r.status != 200:
+                        break
+                await asyncio.sleep(0.02)
+            assert r.status in (302, 401)
