@@ -200,6 +200,7 @@ def test_a_built_package_contains_the_migrations_and_the_demo(tmp_path):
     result = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py",
                              "-d", str(out)], cwd=project, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for shipped in ("migrations/0001_initial.sql", "demo/demo.py", "demo/whoami.py", "demo/fake_gitlab.py",
-                    "db/migrate.py"):
+    for shipped in ("migrations/0001_initial.sql", "migrations/0004_tokens.sql", "demo/demo.py", "demo/whoami.py",
+                    "demo/fake_gitlab.py", "db/migrate.py", "templates/base.html", "templates/me.html",
+                    "templates/admin/layout.html", "templates/admin/audit.html"):
         assert (out / "gateway" / shipped).is_file(), f"{shipped} would not be installed"
