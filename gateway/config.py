@@ -27,6 +27,7 @@ from gateway.config_access import (
     read_access_sections,
     read_assertion_key_files,
 )
+from gateway.config_automatic import AutomaticConfig, check_automatic, parse_automatic
 
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -122,6 +123,7 @@ class ProvisioningConfig:
     keep_manual_memberships: bool = False
     resync_interval: float = 15 * 60.0  # SPEC §11; 0 = off (sign-in only, no GitLab token kept)
     resync_grace: float = 3600.0
+    automatic: AutomaticConfig | None = None  # SPEC §12; None = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,7 +521,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
     "provisioning": (ProvisioningConfig, {
         "allow_signup": _bool, "sync_groups": _bool, "allowed_groups": _group_paths,
         "default_group": _str, "keep_manual_memberships": _bool,
-        "resync_interval": _duration_or_off, "resync_grace": _duration,
+        "resync_interval": _duration_or_off, "resync_grace": _duration, "automatic": parse_automatic,
     }),
     "session": (SessionConfig, {
         "secrets": _fernet_keys, "cookie_name": _cookie_name, "lifetime": _duration, "secure": _bool,
@@ -677,6 +679,7 @@ def _replace(cfg: Config, section: str, **changes: Any) -> Config:
 
 
 def _cross_checks(cfg: Config, data: dict[str, Any], p: _Problems) -> None:
+    check_automatic(cfg.provisioning.automatic, cfg.provisioning.allowed_groups, p)
     gitlab = data.get("gitlab") if isinstance(data.get("gitlab"), dict) else {}
     assert isinstance(gitlab, dict)
     if not cfg.gitlab.client_id and "client_id" not in gitlab:

@@ -53,6 +53,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import MultiDict
 
+from gateway.demo import fake_gitlab_groups
+from gateway.demo.fake_gitlab_groups import THROTTLED_ENDPOINTS, AccessToken, Throttle
+
 ACCESS_MINIMAL = 5
 ACCESS_GUEST = 10
 ACCESS_DEVELOPER = 30
@@ -64,7 +67,7 @@ KNOWN_SCOPES = ("api", "read_api", "read_user", "openid", "profile", "email")
 USER_API_SCOPES = ("read_user", "api", "read_api")  # order as GitLab prints it in insufficient_scope
 GROUPS_API_SCOPES = ("api", "read_api")
 ENDPOINTS = frozenset({"token", "user", "groups", "userinfo", "authorize", "revoke", "discovery", "keys",
-                       "token_info"})
+                       "token_info", "group", "descendant_groups", "members"})
 
 ACCESS_TOKEN_LIFETIME = 7200
 CODE_LIFETIME = 600
@@ -457,6 +460,10 @@ class FakeGitLab:
         self._hook_tasks: set[asyncio.Task[None]] = set()
         self._keys = _shared_rsa_keys()
         self._secret_key_base = secrets.token_hex(32)
+        # SPEC §12 (fake_gitlab_groups): access tokens, administrators, GitLab.com's throttle.
+        self._access_tokens: dict[str, AccessToken] = {}
+        self.admins: set[int] = set()
+        self.throttle: Throttle | None = None
 
     # ------------------------------------------------------------------ seeding
 
@@ -660,6 +667,16 @@ class FakeGitLab:
         except (aiohttp.ClientError, TimeoutError):
             status = 0
         self.hook_deliveries.append((hook.url, str(body["event_name"]), status))
+
+    def add_access_token(self, token: str, user: int | str, scopes: Iterable[str] = ("read_api",)) -> None:
+        """A personal or group access token acting as `user` (for a group token: its bot user, a member)."""
+        self._access_tokens[token] = AccessToken(self.user(user).id, tuple(scopes))
+
+    def rate_limit(self, limit: int | None, period: float = 60.0,
+                   endpoints: Iterable[str] = THROTTLED_ENDPOINTS) -> Throttle | None:
+        """Throttle group API calls like GitLab.com: `limit` per `period` seconds per token (None: off)."""
+        self.throttle = Throttle(limit, period, frozenset(endpoints)) if limit is not None else None
+        return self.throttle
 
     # ------------------------------------------------------------------ failure injection
 
@@ -1279,6 +1296,10 @@ async def _record_and_inject(request: web.Request, handler: Handler) -> web.Stre
     fake.requests.append((request.method, request.path_qs))
     resource = request.match_info.route.resource
     endpoint = resource.name if resource is not None else None
+    if endpoint is not None and fake.throttle is not None:
+        throttled = fake.throttle.check(request, endpoint, fake.clock())
+        if throttled is not None:
+            return throttled
     if endpoint is not None and endpoint in ENDPOINTS:
         try:
             page = int(request.query.get("page", "1"))
@@ -1618,6 +1639,7 @@ def create_app(fake: FakeGitLab) -> web.Application:
         (f"{b}/oauth/discovery/keys", "keys", {"GET": _keys}),
         (f"{b}/api/v4/user", "user", {"GET": _api_user}),
         (f"{b}/api/v4/groups", "groups", {"GET": _api_groups}),
+        *fake_gitlab_groups.routes(b),
     ]
     for path, name, handlers in routes:
         resource = app.router.add_resource(path, name=name)
