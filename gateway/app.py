@@ -27,6 +27,7 @@ from gateway.errors import GatewayError, Unauthenticated
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore, running_listener
 from gateway.sessions.tokens import TokenStore, flushing
+from gateway.sync import schedule as autoprov_schedule
 from gateway.sync.gitlab import GitLabClient
 from gateway.sync.resync import RUN_SCHEDULER, resync_ctx
 from gateway.web import access, auth_request, html, login, me, webhook
@@ -234,6 +235,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
         async with request.app[keys.POOL].acquire(timeout=2) as conn:
             metrics.sessions_active = await db_sessions.count_active(conn)
             metrics.resync_lag = await db_grants.lag(conn)
+            if request.app[keys.CONFIG].provisioning.automatic is not None:
+                await autoprov_schedule.last_run_metrics(conn, metrics)
     response = web.Response(text=metrics.render(), headers={"Cache-Control": "no-store"})
     response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
     return response
@@ -277,7 +280,7 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
     app[METRICS_SOURCE] = metrics_source or (lambda: app[keys.METRICS])
     # The admin call `users/{login}/sync` re-checks through GitLab; the public app runs the scheduler loop.
     app[RUN_SCHEDULER] = False
-    app.cleanup_ctx.extend([database_ctx, gitlab_ctx, resync_ctx])
+    app.cleanup_ctx.extend([database_ctx, gitlab_ctx, resync_ctx, autoprov_schedule.automatic_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

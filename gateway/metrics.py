@@ -31,6 +31,14 @@ GAUGES = {
     "gateway_sessions_active": "Sessions neither revoked nor expired.",
     "gateway_resync_lag_seconds": "How far past due the oldest due re-check is, in seconds.",
 }
+# SPEC §12: the newest automatic provisioning run (whichever replica ran it), read from the database at scrape.
+AUTOPROV_GAUGES = {
+    "gateway_autoprov_last_run_timestamp_seconds": "When the last automatic provisioning run finished (Unix time).",
+    "gateway_autoprov_last_run_success": "1 when the last automatic provisioning run applied, 0 when it failed.",
+    "gateway_autoprov_last_run_duration_seconds": "How long the last automatic provisioning run took, in seconds.",
+    "gateway_autoprov_last_run_gitlab_calls": "GitLab API calls the last automatic provisioning run made.",
+    "gateway_autoprov_last_run_changes": "What the last automatic provisioning run changed, by kind.",
+}
 
 
 @dataclass
@@ -56,6 +64,9 @@ class Metrics:
     histograms: dict[str, Histogram] = field(default_factory=lambda: defaultdict(Histogram))
     sessions_active: int = 0
     resync_lag: float = 0.0
+    # SPEC §12: gauge name -> value, and kind -> count for gateway_autoprov_last_run_changes (empty: no run yet)
+    autoprov: dict[str, float] = field(default_factory=dict)
+    autoprov_changes: dict[str, int] = field(default_factory=dict)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self.counters[name][tuple(sorted(labels.items()))] += value
@@ -131,6 +142,13 @@ class Metrics:
         lines.append(f"# HELP gateway_resync_lag_seconds {GAUGES['gateway_resync_lag_seconds']}")
         lines.append("# TYPE gateway_resync_lag_seconds gauge")
         lines.append(f"gateway_resync_lag_seconds {self.resync_lag!r}")
+        for name, help_text in AUTOPROV_GAUGES.items():
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            if name == "gateway_autoprov_last_run_changes":
+                lines.extend(f'{name}{{kind="{_escape(k)}"}} {v}' for k, v in sorted(self.autoprov_changes.items()))
+            elif name in self.autoprov:
+                lines.append(f"{name} {_num(self.autoprov[name])}")
         return "\n".join(lines) + "\n"
 
 

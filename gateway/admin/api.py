@@ -233,6 +233,20 @@ async def revoke_token(request: web.Request) -> web.Response:
     return _no_content()
 
 
+async def run_sync(request: web.Request) -> web.Response:
+    """SPEC §12: run automatic provisioning now (`{"dry_run": true}`: only plan); 409 while a run is going."""
+    from gateway.sync import automatic
+
+    body = await _body(request, {}, {"dry_run": bool}) if (await request.read()).strip() else {}
+    cfg = request.app[keys.CONFIG]
+    if cfg.provisioning.automatic is None:
+        raise automatic.NotConfigured("provisioning.automatic is not set")
+    result = await automatic.run(request.app[keys.POOL], cfg, request.app[keys.GITLAB].session,
+                                 dry_run=bool(body.get("dry_run")),
+                                 actor=request[ADMIN_ACTOR], on_request=request.app[keys.METRICS].gitlab_request)
+    return _json(result.to_json())
+
+
 def add_routes(app: web.Application) -> None:
     """Register the /api/v1 handlers."""
     r = app.router
@@ -255,3 +269,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get(f"{API}/tokens", list_tokens)
     r.add_post(f"{API}/tokens", create_token)
     r.add_delete(f"{API}/tokens/{{id}}", revoke_token)
+    r.add_post(f"{API}/sync", run_sync)

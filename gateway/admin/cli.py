@@ -363,6 +363,10 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p = leaf(t, "revoke", tokens_revoke, "revoke a token everywhere")
     p.add_argument("id", metavar="ID", type=int)
 
+    from gateway.admin import sync_cli  # it imports this module's helpers
+
+    sync_cli.add_command(add)
+
 
 def _needs_action(args: argparse.Namespace) -> int:
     # argparse requires an action, so this only runs if that ever changes.

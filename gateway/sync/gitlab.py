@@ -145,6 +145,11 @@ class GitLabClient:
         self._issuer: str | None = cfg.issuer
         self._authorize_endpoint: str | None = f"{cfg.issuer}/oauth/authorize" if cfg.issuer else None
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared session (automatic provisioning lists groups over it with its own token)."""
+        return self._session
+
     @staticmethod
     def make_session(cfg: GitLabConfig) -> aiohttp.ClientSession:
         """The one session for GitLab: bounded timeouts, the configured CA, our User-Agent."""
