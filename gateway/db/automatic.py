@@ -13,15 +13,16 @@ from typing import Any
 
 import asyncpg
 
+from gateway.db.users import SELECT_COLUMNS, User
+
 # One run at a time across every replica: held (session level) by the connection that runs, for the whole run.
 RUN_LOCK_KEY = 0x6761746577617932
 TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
 UNLOCK = "SELECT pg_advisory_unlock($1)"
 
 GROUPS = "SELECT id, name, gitlab_group_id, builtin FROM groups ORDER BY id"
-USERS = """
-SELECT id, gitlab_id, login, name, email, active, provisioned_by FROM users
-WHERE gitlab_id = ANY($1::bigint[]) OR lower(login) = ANY($2::text[])"""
+USERS = f"""
+SELECT {SELECT_COLUMNS} FROM users WHERE gitlab_id = ANY($1::bigint[]) OR lower(login) = ANY($2::text[])"""
 MEMBERSHIPS = """
 SELECT m.user_id, m.group_id, m.source, u.login FROM memberships m JOIN users u ON u.id = m.user_id
 WHERE m.group_id = ANY($1::bigint[])"""
@@ -83,17 +84,6 @@ class LocalGroup:
 
 
 @dataclass(frozen=True, slots=True)
-class LocalUser:
-    id: int
-    gitlab_id: int | None
-    login: str
-    name: str
-    email: str
-    active: bool
-    provisioned_by: str
-
-
-@dataclass(frozen=True, slots=True)
 class Governed:
     id: int
     login: str
@@ -126,10 +116,9 @@ async def groups(conn: asyncpg.Connection) -> list[LocalGroup]:
     return [LocalGroup(r["id"], r["name"], r["gitlab_group_id"], r["builtin"]) for r in await conn.fetch(GROUPS)]
 
 
-async def users(conn: asyncpg.Connection, gitlab_ids: list[int], logins: list[str]) -> list[LocalUser]:
-    rows = await conn.fetch(USERS, gitlab_ids, [login.lower() for login in logins])
-    return [LocalUser(r["id"], r["gitlab_id"], r["login"], r["name"], r["email"], r["active"], r["provisioned_by"])
-            for r in rows]
+async def users(conn: asyncpg.Connection, gitlab_ids: list[int], logins: list[str]) -> list[User]:
+    """The users a listing may concern: by GitLab id, or by login (case-insensitive)."""
+    return [User.from_record(r) for r in await conn.fetch(USERS, gitlab_ids, [login.lower() for login in logins])]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.db.automatic import Governed, LocalGroup, LocalUser, Member
+from gateway.db.automatic import Governed, LocalGroup, Member
+from gateway.db.users import User as LocalUser
 from gateway.sync.gitlab_tree import Listing, TreeGroup, TreeMember
 
 SYNC, MANUAL = "sync", "manual"
