@@ -231,7 +231,7 @@ async def test_gitlab_failing_on_page_n_of_m_changes_nothing(world: Any) -> None
 async def test_the_rate_limiter_is_respected_and_its_429s_waited_out(world: Any) -> None:
     fake, _url, _db, run = world
     throttle = fake.rate_limit(5, period=1.0)
-    paced = Pacing(group_rate=Rate(4, 1.0, 1), api_rate=Rate(4, 1.0, 1))
+    paced = Pacing(group_rate=Rate(3, 1.0, 1), api_rate=Rate(3, 1.0, 1))  # together never over 5 a second
     report = await run(pacing=paced)
     assert throttle is not None and throttle.throttled == 0  # paced under the limit: no 429 at all
     assert report["gitlab"]["throttled"] == 0 and report["counts"]["users_created"] == 3

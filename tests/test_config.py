@@ -164,6 +164,7 @@ BAD_VALUES = [
     ("provisioning", "resync_interval", "-5m", "provisioning.resync_interval: must be a positive duration"),
     ("provisioning", "resync_grace", "0", "provisioning.resync_grace: must be a positive duration"),
     ("gitlab", "webhook_secret", "short", "gitlab.webhook_secret: must be a string of at least 16"),
+    ("provisioning", "automatic", "on", "provisioning.automatic: must be a mapping"),
     ("session", "secrets", ["not-a-fernet-key"], "session.secrets[0]: must be a Fernet key"),
     ("session", "secrets", KEY, "session.secrets: must be a list of strings"),
     ("session", "cookie_name", "my cookie", "session.cookie_name: must be a cookie name"),
