@@ -131,6 +131,7 @@ async def test_the_sync_command_prints_progress_and_the_plan(gitlab: tuple[FakeG
     # The stand-in serves from this test's event loop: each command runs in a thread meanwhile.
     dry = await asyncio.to_thread(sync, "--dry-run")
     assert dry.returncode == 0, dry.stderr
+    assert "listing GitLab: 4 groups, members of 4 read, 4 members, 6 calls" in dry.stderr
     assert "planned (dry run): 4 GitLab groups" in dry.stderr and "users +3" in dry.stderr
     assert "create group  acme/platform/sre" in dry.stdout and "add member" in dry.stdout
     applied = await asyncio.to_thread(sync, "--json")
