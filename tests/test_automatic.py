@@ -167,8 +167,7 @@ async def test_renamed_and_moved_groups_are_followed_by_id(world: Any) -> None:
     await run()
     before = await memberships(db)
     fake.rename_group("acme/platform", "infra")
-    fake.group("acme/web").parent_id = 2  # transfer acme/web into acme/infra
-    fake._refresh_paths()
+    fake.transfer_group("acme/web", "acme/infra")
     report = await run()
     assert sorted((r["old"], r["new"]) for r in report["groups"]["renamed"]) == [
         ("acme/platform", "acme/infra"), ("acme/platform/sre", "acme/infra/sre"), ("acme/web", "acme/infra/web")]

@@ -110,6 +110,8 @@ async def test_one_membership_per_user_and_group(migrated):
 async def test_provisioned_by_is_constrained(migrated):
     with pytest.raises(asyncpg.CheckViolationError):
         await migrated.execute("INSERT INTO users (login, provisioned_by) VALUES ('x', 'sync')")
+    # SPEC §12 (0003): users created by automatic provisioning
+    await migrated.execute("INSERT INTO users (login, provisioned_by) VALUES ('y', 'gitlab')")
 
 
 async def test_builtin_default_group_exists(migrated):
