@@ -9,7 +9,6 @@ is running it and skip. A failed run is retried after min(interval, RETRY_AFTER_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,12 +38,9 @@ async def automatic_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     task = asyncio.create_task(scheduler(app[keys.POOL], cfg, app[keys.GITLAB].session, app[keys.METRICS]))
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    yield
+    task.cancel()  # a run in progress rolls back: its transaction never commits half
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def due_in(pool: asyncpg.Pool, interval: float) -> float:
