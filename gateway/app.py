@@ -36,7 +36,6 @@ from gateway.web.forms import FORMS, FormTokens
 from gateway.web.pages import NO_STORE, render
 
 log = logging.getLogger("gateway.app")
-access_log = logging.getLogger("gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -103,13 +102,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         elapsed = time.perf_counter() - started
         if request.app.get(COUNT_REQUESTS):
             request.app[keys.METRICS].request(status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            identity = request.get(keys.IDENTITY)
-            access_log.info("request", extra={
-                "request_id": request_id, "method": request.method, "path": request.rel_url.path,
-                "status": status, "duration_ms": round(elapsed * 1000, 2), "remote": request.remote,
-                "user": getattr(identity, "login", None),
-            })
+        identity = request.get(keys.IDENTITY)
+        logs.ACCESS.write(request_id, request.method, request.rel_url.path, status, elapsed, request.remote,
+                          getattr(identity, "login", None))
         logs.REQUEST_ID.reset(log_context)
 
 

@@ -62,11 +62,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway import logs, server
+    from gateway import logs, loops, server
 
     cfg = _config(args)
     logs.setup(cfg.log.level, cfg.log.format)
-    asyncio.run(server.serve(cfg, apply_migrations=not args.no_migrate))
+    loops.run(server.serve(cfg, apply_migrations=not args.no_migrate), cfg.server.event_loop)
     return EXIT_OK
 
 

@@ -65,6 +65,8 @@ class ServerConfig:
     max_connections: int = 10000
     # SIGTERM: how long in-flight requests may take to finish, one bound for the whole shutdown.
     shutdown_grace: float = 30.0
+    # auto: uvloop when it is installed, else asyncio's own loop (gateway/loops.py).
+    event_loop: str = "auto"
 
     @property
     def public_host(self) -> str:
@@ -326,6 +328,16 @@ def _choice(*options: str) -> Callable[[Any, str, _Problems], str | None]:
     return parse
 
 
+def _event_loop(v: Any, path: str, p: _Problems) -> str | None:
+    from gateway import loops
+
+    choice = _choice(*loops.CHOICES)(v, path, p)
+    if choice == "uvloop" and not loops.uvloop_available():
+        p.add(path, "uvloop is not installed (pip install uvloop, Linux and macOS only); use auto or asyncio")
+        return None
+    return choice
+
+
 def _str_list(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
     if not isinstance(v, list):
         p.add(path, "must be a list of strings")
@@ -505,7 +517,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
         "listen": _listen, "public_url": _http_url(allow_path=False), "prefix": _prefix,
         "trusted_proxies": _networks, "allowed_redirect_domains": _domains, "workers": _int(0, 256),
         "header_timeout": _duration, "idle_timeout": _duration, "max_connections": _int(1, 1_000_000),
-        "shutdown_grace": _duration,
+        "shutdown_grace": _duration, "event_loop": _event_loop,
     }),
     "admin": (AdminConfig, {"listen": _listen, "tokens": _tokens, "groups": _str_list}),
     "upstream": (UpstreamConfig, {

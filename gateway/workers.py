@@ -49,12 +49,12 @@ STABLE_AFTER = 30.0
 
 def worker_main(cfg: Config, dsn: str, index: int, conn: Connection) -> None:
     """Entry point of a worker process (spawned: must be importable and take picklable arguments)."""
-    from gateway import logs
+    from gateway import logs, loops
 
     logs.setup(cfg.log.level, cfg.log.format)
     code = 0
     try:
-        code = asyncio.run(_worker(cfg, dsn, index, conn))
+        code = loops.run(_worker(cfg, dsn, index, conn), cfg.server.event_loop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -38,6 +38,15 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 SESSION_KEY = Fernet.generate_key().decode()
 SHARED = Path(os.environ.get("GATEWAY_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 
+# GATEWAY_TEST_LOOP=uvloop runs the in-process tests on uvloop (scripts/test does so for the proxy's test files),
+# as `gateway run` does by default (server.event_loop: auto); unset, they run on asyncio's own loop.
+if os.environ.get("GATEWAY_TEST_LOOP", "asyncio") == "uvloop":
+    import uvloop
+
+    def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+        return {"uvloop": uvloop.new_event_loop}
+
+
 
 def _with_db(dsn: str, name: str) -> str:
     parts = urlsplit(dsn)
