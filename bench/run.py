@@ -19,6 +19,8 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
     auth_request        nginx + auth_request to the gateway (deploy/nginx/auth_request.conf)
     auth_request-cache  the same with the 5 s auth cache (deploy/nginx/auth_request_cached.conf)
     go                  the Go stand-in for oauth2-proxy (shared/anchors/gostandin), if `go` is installed
+    signin-first        whole browser sign-ins per second against the GitLab stand-in, users in 50 groups each,
+    signin-repeat       first and repeat sign-ins (bench/signin.py); latency is a whole sign-in's, CPU per sign-in
 
 Each row also reports the CPU time its own processes spent per request, which moves much less than req/s
 when something else competes for the cores. Finally bare and gateway-1 are measured again in interleaved
@@ -371,7 +373,7 @@ def python_load(url: str, cookie: str, *, duration: int, connections: int) -> Re
 # ---- the run -----------------------------------------------------------------------------------------------
 
 NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-1-token", "gateway-1-info",
-         "gateway-1-policy", "gateway-2", "auth_request", "auth_request-cache", "go"]
+         "gateway-1-policy", "gateway-2", "auth_request", "auth_request-cache", "go", "signin-first", "signin-repeat"]
 LABELS = {
     "upstream": "upstream: nginx static 200 B",
     "nginx": "nginx proxy_pass alone",
@@ -385,6 +387,8 @@ LABELS = {
     "auth_request-cache": "nginx + auth_request, 5 s cache",
     "nginx-keepalive": "nginx proxy_pass + keepalive",
     "go": "Go stand-in (oauth2-proxy-like)",
+    "signin-first": "sign-ins/s, first (50 groups)",
+    "signin-repeat": "sign-ins/s, repeat (50 groups)",
 }
 
 
@@ -406,6 +410,11 @@ def main() -> int:
                         help="interleaved gateway-1/gateway-1-policy rounds (0: skip)")
     parser.add_argument("--token-rounds", type=int, default=4,
                         help="interleaved cookie/bearer-token rounds on gateway-1 (0: skip)")
+    parser.add_argument("--peer-rounds", type=int, default=4,
+                        help="interleaved rounds of gateway-1-info (the default config), bare and go (0: skip)")
+    parser.add_argument("--signin-users", type=int, default=300, help="users signed in by the signin rows")
+    parser.add_argument("--profile", default="", metavar="ROW",
+                        help="record that row's server with py-spy during its measured run; print where its time goes")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(","))) or set(NAMES)
     load = wrk if shutil.which("wrk") else python_load
@@ -415,6 +424,8 @@ def main() -> int:
     interleaved: list[float] = []
     policy_interleaved: list[float] = []
     token_interleaved: list[float] = []
+    peers: dict[str, list[Result]] = {}
+    profile = ""
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     workdir.chmod(0o755)
@@ -426,10 +437,14 @@ def main() -> int:
         status, body = fetch(url, cookie)
         if status != 200 or body != PAGE:
             raise SystemExit(f"{name}: expected the 200-byte page, got {status} {body[:200]!r}")
+        nonlocal profile
         load(url, cookie, duration=1, connections=args.connections)  # warm-up
         before = cpu_seconds(servers)
-        r = results[name] = load(url, cookie, duration=args.duration, connections=args.connections)
+        with py_spy(servers[-1], workdir / f"{name}.profile", args.duration, wanted=args.profile == name) as out:
+            r = results[name] = load(url, cookie, duration=args.duration, connections=args.connections)
         r.cpu_us = (cpu_seconds(servers) - before) / max(r.requests, 1) * 1e6
+        if out.exists():
+            profile = f"py-spy, {LABELS[name]}, {args.duration} s under load:\n" + summarize_profile(out)
         print(f"  {LABELS[name]:<36} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  "
               f"{r.cpu_us:5.0f} us CPU/req" + (f"  ERRORS {r.errors}" if r.errors else ""),
               file=sys.stderr, flush=True)
@@ -440,7 +455,7 @@ def main() -> int:
         up, up_proc = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
         upstream = f"http://127.0.0.1:{up}"
         wanted = only & {"gateway-1", "gateway-1-token", "gateway-1-info", "gateway-1-policy", "gateway-2",
-                         "auth_request", "auth_request-cache"}
+                         "auth_request", "auth_request-cache", "signin-first", "signin-repeat"}
         with database(workdir) if wanted else contextlib.nullcontext("") as dsn:
             # Every row gets the same request, this cookie included (only the gateways read it).
             cookie = f"_gateway={asyncio.run(mint_session(dsn))}" if wanted else "_gateway=x"
@@ -516,6 +531,13 @@ def main() -> int:
                             rounds=args.policy_rounds, load=load, connections=args.connections, others=[up_proc])
                     procs.stop(p_proc)
                 procs.stop(proc)
+            if {"signin-first", "signin-repeat"} & only:
+                import signin
+
+                signin_rows, signin_profile = signin.rows(procs, workdir, dsn, upstream, args.signin_users,
+                                                          args.profile)
+                results.update(signin_rows)
+                profile = signin_profile or profile
             if "gateway-1-info" in only:
                 # The default log.level (info): one JSON access-log line per request, written to a file.
                 path, public, admin = gateway_config(workdir, "gateway-1-info", dsn=dsn, upstream=upstream,
@@ -523,22 +545,26 @@ def main() -> int:
                 proc = procs.start([sys.executable, "-m", "gateway", "run", "--no-migrate", "-c", str(path)],
                                    "gateway-1-info", cwd=REPO)
                 wait_ready(admin, proc)
-                measure("gateway-1-info", f"http://127.0.0.1:{public}/index.html", cookie, [proc])
+                info_url = f"http://127.0.0.1:{public}/index.html"
+                measure("gateway-1-info", info_url, cookie, [proc])
+                go = go_standin(workdir, procs, upstream) if {"go", "bare"} <= only and args.peer_rounds else None
+                if go is not None:
+                    # The default config next to its two yardsticks, in alternating rounds (see peer_rounds).
+                    port = free_port()
+                    bare_proc = procs.start([sys.executable, str(REPO / "bench" / "bare_proxy.py"), "--listen",
+                                             f"127.0.0.1:{port}", "--upstream", upstream], "bare-peer")
+                    wait_port(port, bare_proc, "bare proxy")
+                    peers = peer_rounds({"gateway-1-info": (info_url, cookie, proc),
+                                         "bare": (f"http://127.0.0.1:{port}/index.html", cookie, bare_proc),
+                                         "go": go}, rounds=args.peer_rounds, load=load,
+                                        connections=args.connections, others=[up_proc])
+                    procs.stop(bare_proc)
+                    procs.stop(go[2])
                 procs.stop(proc)
         if "go" in only:
-            go = shutil.which("go")
-            if go is None:
-                print("  go not installed: skipping the Go stand-in (apt-get install golang-go)", file=sys.stderr)
-            else:
-                binary = workdir / "gostandin"
-                subprocess.run([go, "build", "-o", str(binary), "."], cwd=GOSTANDIN, check=True,
-                               env={**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": os.environ.get(
-                                   "GOCACHE", str(Path(tempfile.gettempdir()) / "gateway-bench-gocache"))})
-                minted = subprocess.run([str(binary), "-mint"], capture_output=True, text=True, check=True)
-                port = free_port()
-                proc = procs.start([str(binary), "-listen", f"127.0.0.1:{port}", "-upstream", upstream], "go")
-                wait_port(port, proc, "Go stand-in")
-                measure("go", f"http://127.0.0.1:{port}/index.html", f"_session={minted.stdout.strip()}", [proc])
+            go = go_standin(workdir, procs, upstream)
+            if go is not None:
+                measure("go", go[0], go[1], [go[2]])
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -552,12 +578,149 @@ def main() -> int:
               f"rounds, pinned as above): the cookie's CPU per request / the token's, median "
               f"{statistics.median(token_interleaved):.2f}x "
               f"[{' '.join(f'{x:.2f}' for x in token_interleaved)}] (target >= 0.90x)")
+    if peers:
+        print_peers(peers)
+    if profile:
+        print("\n" + profile)
     if policy_interleaved:
         print(f"\ngateway-1 + 20 rules + assertion / gateway-1, interleaved ({len(policy_interleaved)} rounds, "
               f"pinned as above): gateway-1's CPU per request / the policy row's, median "
               f"{statistics.median(policy_interleaved):.2f}x "
               f"[{' '.join(f'{x:.2f}' for x in policy_interleaved)}] (target >= 0.95x)")
     return 0
+
+
+def go_standin(workdir: Path, procs: Processes,
+               upstream: str) -> tuple[str, str, subprocess.Popen[bytes]] | None:
+    """The Go stand-in for oauth2-proxy, built and started: (url, cookie, process), or None without `go`."""
+    go = shutil.which("go")
+    if go is None:
+        print("  go not installed: skipping the Go stand-in (apt-get install golang-go)", file=sys.stderr)
+        return None
+    binary = workdir / "gostandin"
+    if not binary.exists():
+        subprocess.run([go, "build", "-o", str(binary), "."], cwd=GOSTANDIN, check=True,
+                       env={**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": os.environ.get(
+                           "GOCACHE", str(Path(tempfile.gettempdir()) / "gateway-bench-gocache"))})
+    minted = subprocess.run([str(binary), "-mint"], capture_output=True, text=True, check=True)
+    port = free_port()
+    proc = procs.start([str(binary), "-listen", f"127.0.0.1:{port}", "-upstream", upstream], "go")
+    wait_port(port, proc, "Go stand-in")
+    return f"http://127.0.0.1:{port}/index.html", f"_session={minted.stdout.strip()}", proc
+
+
+@contextlib.contextmanager
+def pinned(servers: list[subprocess.Popen[bytes]], others: list[subprocess.Popen[bytes]],
+           load: Callable[..., Result]) -> Iterator[None]:
+    """Servers on CPU 1, the load generator and the upstream on CPU 0 (when there are two CPUs and wrk)."""
+    import psutil
+
+    pin = (os.cpu_count() or 1) >= 2 and load is wrk
+    if pin:
+        for proc in servers:
+            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
+                p.cpu_affinity([1])
+        for proc in others:
+            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
+                p.cpu_affinity([0])
+        WRK_PREFIX[:] = ["taskset", "-c", "0"]
+    try:
+        yield
+    finally:
+        if pin:
+            WRK_PREFIX.clear()
+            every = list(range(os.cpu_count() or 1))
+            for proc in (*servers, *others):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
+                        p.cpu_affinity(every)
+
+
+def peer_rounds(rows: dict[str, tuple[str, str, subprocess.Popen[bytes]]], *, rounds: int,
+                load: Callable[..., Result], connections: int,
+                others: list[subprocess.Popen[bytes]]) -> dict[str, list[Result]]:
+    """Each row loaded for 2 s in turn, `rounds` times, every server pinned to the same CPU: a slow phase of a
+    shared machine hits all rows alike, so the per-round ratios are what to compare."""
+    out: dict[str, list[Result]] = {name: [] for name in rows}
+    with pinned([proc for _, _, proc in rows.values()], others, load):
+        for _ in range(rounds):
+            for name, (url, cookie, proc) in rows.items():
+                before = cpu_seconds([proc])
+                r = load(url, cookie, duration=2, connections=connections)
+                r.cpu_us = (cpu_seconds([proc]) - before) / max(r.requests, 1) * 1e6
+                out[name].append(r)
+    return out
+
+
+def print_peers(peers: dict[str, list[Result]]) -> None:
+    rounds = len(peers["go"])
+    print(f"\nThe default config (access log on) next to its yardsticks, {rounds} interleaved rounds of 2 s, servers "
+          "pinned to CPU 1 (wrk and the upstream to CPU 0); medians, then each round:")
+    for name, results in peers.items():
+        print(f"  {LABELS[name]:<36} {statistics.median(r.rps for r in results):>7.0f} req/s  "
+              f"p99 {statistics.median(r.p99_ms for r in results):6.2f} ms  "
+              f"{statistics.median(r.cpu_us for r in results):5.0f} us CPU/req")
+    for base in ("go", "bare"):
+        rps = [g.rps / b.rps for g, b in zip(peers["gateway-1-info"], peers[base], strict=True)]
+        cpu = [b.cpu_us / g.cpu_us for g, b in zip(peers["gateway-1-info"], peers[base], strict=True)
+               if g.cpu_us and b.cpu_us]
+        print(f"  gateway (access log on) / {LABELS[base]}: req/s {statistics.median(rps):.2f}x "
+              f"[{' '.join(f'{x:.2f}' for x in rps)}]; by CPU per request {statistics.median(cpu):.2f}x "
+              f"[{' '.join(f'{x:.2f}' for x in cpu)}]")
+
+
+@contextlib.contextmanager
+def py_spy(proc: subprocess.Popen[bytes], out: Path, duration: int, *, wanted: bool) -> Iterator[Path]:
+    """py-spy recording `proc` (its own time, idle excluded) for `duration` seconds, when `wanted`."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    recorder = None
+    if wanted:
+        if not Path(spy).exists():
+            raise SystemExit("--profile needs py-spy (pip install py-spy)")
+        recorder = subprocess.Popen([spy, "record", "--pid", str(proc.pid), "--duration", str(duration),
+                                     "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield out
+    finally:
+        if recorder is not None:
+            recorder.wait(timeout=duration + 30)
+
+
+# Where a sample's time goes, by the innermost frame's file (first match wins).
+AREAS = (("access log / logging", ("gateway/logs.py", "logging/")),
+         ("socket writes (both sides)", ("aiohttp/http_writer.py", "selector_events.py")),
+         ("aiohttp client", ("aiohttp/client", "aiohttp/connector.py", "aiohttp/streams.py")),
+         ("aiohttp server", ("aiohttp/web", "aiohttp/http_", "aiohttp/_http", "aiohttp/helpers.py",
+                             "aiohttp/base_protocol.py", "aiohttp/multidict", "multidict/", "yarl/")),
+         ("gateway code", ("gateway/",)),
+         ("event loop, sockets", ("asyncio/", "uvloop/", "selectors.py", "socket.py")))
+
+
+def summarize_profile(path: Path) -> str:
+    """py-spy's collapsed stacks -> share of samples per area (innermost frame) and the 12 hottest functions."""
+    import collections
+
+    areas: collections.Counter[str] = collections.Counter()
+    functions: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        leaf = stack.rsplit(";", 1)[-1]
+        functions[leaf] += count
+        area = next((a for a, marks in AREAS if any(m in leaf for m in marks)), "other (C, interpreter)")
+        # logging/ and gateway/logs.py anywhere on the stack count as the access log, not their callees.
+        if any(m in stack for m in AREAS[0][1]):
+            area = AREAS[0][0]
+        areas[area] += count
+    lines = [f"  {area:<28} {n / total:6.1%}" for area, n in areas.most_common()]
+    lines.append("  hottest functions (own time):")
+    lines += [f"    {n / total:6.1%}  {fn[:110]}" for fn, n in functions.most_common(12)]
+    return "\n".join(lines)
 
 
 def interleaved_cpu_ratio(a: tuple[str, subprocess.Popen[bytes]], b: tuple[str, subprocess.Popen[bytes]],
@@ -598,13 +761,13 @@ def interleaved_cpu_ratio(a: tuple[str, subprocess.Popen[bytes]], b: tuple[str, 
 
 def print_table(results: dict[str, Result], args: argparse.Namespace, elapsed: float, used_wrk: bool) -> None:
     def ratio(name: str, base: str) -> str:
-        if name not in results or base not in results:
+        if name not in results or base not in results or name.startswith("signin"):
             return "-"
         return f"{results[name].rps / results[base].rps:.2f}x"
 
     def cpu_ratio(name: str, base: str) -> str:
         a, b = results.get(name), results.get(base)
-        if a is None or b is None or not a.cpu_us or not b.cpu_us:
+        if a is None or b is None or not a.cpu_us or not b.cpu_us or name.startswith("signin"):
             return "-"
         return f"{b.cpu_us / a.cpu_us:.2f}x"  # inverted: higher is better, like req/s
 

@@ -137,6 +137,7 @@ BAD_VALUES = [
     ("server", "idle_timeout", 0, "server.idle_timeout: must be a positive duration"),
     ("server", "max_connections", 0, "server.max_connections: must be an integer from 1 to 1000000"),
     ("server", "shutdown_grace", "-1s", "server.shutdown_grace: must be a positive duration"),
+    ("server", "event_loop", "trio", "server.event_loop: must be one of auto, asyncio, uvloop"),
     ("admin", "listen", "localhost", 'admin.listen: must be "host:port"'),
     ("admin", "tokens", "just-one-string-token", "admin.tokens: must be a list of tokens"),
     ("admin", "tokens", ["short"], "admin.tokens[0]: must be a string of at least 16 characters"),
