@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 from cryptography.fernet import Fernet
@@ -49,6 +51,9 @@ from run import (  # bench/ is not a package: run.py is imported from its folder
     wrk,
 )
 
+if TYPE_CHECKING:
+    from gateway.demo.fake_gitlab import FakeGitLab
+
 INTERVAL = 900.0  # resync_interval 15m
 CLIENT_ID, CLIENT_SECRET = "bench", "bench-secret"
 
@@ -58,7 +63,7 @@ CLIENT_ID, CLIENT_SECRET = "bench", "bench-secret"
 def standin_main(port: int, users: int, tokens_file: Path) -> None:
     """Serve a stand-in with `users` users, each holding one grant whose refresh token goes to tokens_file."""
     sys.path.insert(0, str(REPO))
-    from gateway.demo.fake_gitlab import FakeGitLab, serve
+    from gateway.demo.fake_gitlab import FakeGitLab
 
     fake = FakeGitLab()
     fake.add_application(CLIENT_ID, CLIENT_SECRET, ["http://127.0.0.1/oauth2/callback"])
@@ -66,11 +71,18 @@ def standin_main(port: int, users: int, tokens_file: Path) -> None:
     for uid in range(1, users + 1):
         fake.add_user(uid, f"u{uid}")
         tokens.append(fake.grant(CLIENT_ID, uid).refresh_token)
+    serve_standin(fake, port, lambda: tokens_file.write_text(json.dumps(tokens)))
+
+
+def serve_standin(fake: FakeGitLab, port: int, ready: Callable[[], object]) -> None:
+    """Serve `fake` on 127.0.0.1:`port` until interrupted, calling `ready()` once it listens."""
+    from gateway.demo.fake_gitlab import serve
+
     fake.requests = _Discard()  # type: ignore[assignment]  # a long run must not grow its request log
 
     async def run() -> None:
         runner = await serve(fake, "127.0.0.1", port)
-        tokens_file.write_text(json.dumps(tokens))
+        ready()
         try:
             await asyncio.Event().wait()
         finally:

@@ -14,8 +14,6 @@ shares the cores (the stand-in, PostgreSQL and this client use them too); the ga
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import signal
 import statistics
 import subprocess
@@ -36,7 +34,9 @@ CONCURRENCY = 16
 def standin_main(port: int, users: int, ready: Path) -> None:
     """The stand-in: `users` users, each a member of the same GROUPS groups."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from gateway.demo.fake_gitlab import FakeGitLab, serve
+    from resync import serve_standin
+
+    from gateway.demo.fake_gitlab import FakeGitLab
 
     fake = FakeGitLab()
     fake.add_application(CLIENT_ID, CLIENT_SECRET, ["http://127.0.0.1/oauth2/callback"])
@@ -46,23 +46,7 @@ def standin_main(port: int, users: int, ready: Path) -> None:
         fake.add_user(uid, f"u{uid}")
         for gid in range(1, GROUPS + 1):
             fake.add_member(uid, gid)
-    fake.requests = _Discard()  # type: ignore[assignment]  # a long run must not grow its request log
-
-    async def run() -> None:
-        runner = await serve(fake, "127.0.0.1", port)
-        ready.write_text("ready")
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-
-
-class _Discard(list):  # type: ignore[type-arg]
-    def append(self, item: object) -> None:
-        pass
+    serve_standin(fake, port, lambda: ready.write_text("ready"))
 
 
 async def sign_in(gateway: str, gitlab: str, login: str) -> float:
@@ -163,6 +147,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--standin"]:
         standin_main(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
     else:
-        print(json.dumps({"usage": "run through bench/run.py --only signin-first,signin-repeat"}))
+        # Otherwise: run.py's two sign-in rows, with any further run.py options.
         sys.exit(subprocess.call([sys.executable, str(Path(__file__).with_name("run.py")),
                                   "--only", "signin-first,signin-repeat", *sys.argv[1:]]))
