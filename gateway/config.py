@@ -426,8 +426,9 @@ def _domains(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
     if items is None:
         return None
     for i, item in enumerate(items):
-        if not re.fullmatch(r"\.?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:\d+)?", item):
-            p.add(f"{path}[{i}]", f"{item!r} is not a host name (use .example.com for subdomains)")
+        if not re.fullmatch(r"\.?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:(\d{1,5}|\*))?", item):
+            p.add(f"{path}[{i}]", f"{item!r} is not a host name (use .example.com for subdomains, "
+                  "host:8443 or host:* for other ports than the default)")
     return tuple(i.lower() for i in items)
 
 

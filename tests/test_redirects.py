@@ -7,6 +7,8 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.access.redirects import MAX_LENGTH, safe_redirect
 
@@ -101,16 +103,20 @@ ALLOWED_ORG = (".allowed.org", "exact.net")
         ("https://tool.example.com", OWN, ()),
         ("https://tool.example.com?x=1", OWN, ()),
         ("HTTPS://Tool.Example.COM/p", OWN, ()),
-        ("http://tool.example.com:8443/p", OWN, ()),
-        ("https://tool.example.com/p", "tool.example.com:4180", ()),
         ("https://sub.allowed.org/p", OWN, ALLOWED_ORG),
         ("https://a.b.allowed.org/p?q=1#f", OWN, ALLOWED_ORG),
         ("https://allowed.org/", OWN, ALLOWED_ORG),
         ("https://exact.net/x", OWN, ALLOWED_ORG),
-        ("https://exact.net:9443/x", OWN, ("exact.net:443",)),
         ("https://bücher.example/x", OWN, ("xn--bcher-kva.example",)),
         ("https://xn--bcher-kva.example/x", OWN, ("bücher.example",)),
         ("http://[::1]:4180/x", "[::1]:4180", ()),
+        # SPEC §16 port rule: the own host at public_url's port, its scheme default when it names none.
+        ("https://tool.example.com:4180/p", "tool.example.com:4180", ()),
+        ("http://tool.example.com:80/p", OWN, ()),
+        ("https://tool.example.com:443/p", OWN, ()),
+        ("https://exact.net:9443/x", OWN, ("exact.net:9443",)),
+        ("https://exact.net:9443/x", OWN, ("exact.net:*",)),
+        ("https://a.allowed.org:8443/x", OWN, (".allowed.org:*",)),
     ],
 )
 def test_accepted_targets_are_returned_unchanged(rd: str, own_host: str, allowed: tuple[str, ...]) -> None:
@@ -190,3 +196,88 @@ def test_accepted_targets_are_returned_unchanged(rd: str, own_host: str, allowed
 )
 def test_refused_targets_fall_back_to_root(rd: str | None, allowed: tuple[str, ...]) -> None:
     assert safe_redirect(rd, own_host=OWN, allowed_domains=allowed) == "/"
+
+
+@pytest.mark.parametrize(
+    ("rd", "own_host", "allowed"),
+    [
+        # The issue's case: the gateway's own host (http://127.0.0.1:4180), another port.
+        ("http://127.0.0.1:1/x", "127.0.0.1:4180", ()),
+        ("http://127.0.0.1/x", "127.0.0.1:4180", ()),
+        ("http://tool.example.com:8443/p", OWN, ()),
+        ("https://tool.example.com/p", "tool.example.com:4180", ()),
+        ("https://tool.example.com:80/p", OWN, ()),
+        ("https://exact.net:9443/x", OWN, ("exact.net",)),
+        ("https://exact.net:9443/x", OWN, ("exact.net:443",)),
+        ("https://a.allowed.org:8443/x", OWN, (".allowed.org",)),
+        ("https://a.allowed.org:8443/x", OWN, (".allowed.org:9443",)),
+    ],
+)
+def test_port_rule_refuses_other_ports_of_allowed_hosts(rd: str, own_host: str, allowed: tuple[str, ...]) -> None:
+    """SPEC §16: a host listed without a port (or our own host) accepts only its default (or public_url's) port."""
+    assert safe_redirect(rd, own_host=own_host, allowed_domains=allowed) == "/"
+
+
+def test_rd_longer_than_2048_bytes_falls_back_even_when_shorter_in_characters() -> None:
+    rd = "https://b\u00fccher.example/" + "a" * 2025
+    assert len(rd) <= MAX_LENGTH < len(rd.encode())
+    assert safe_redirect(rd, own_host=OWN, allowed_domains=("xn--bcher-kva.example",)) == "/"
+
+
+# ---- properties (hypothesis) ------------------------------------------------------------------------------
+
+_PIECES = ["/", "//", "\\", ":", "@", ".", "?", "#", "%", "%2f", "%5c", "%09", "%25", "\t", "\n", " ", "\x00",
+           "http:", "https:", "javascript:", "evil.com", "tool.example.com", "allowed.org", "sub.", "127.0.0.1",
+           "[::1]", ":80", ":443", ":1", ":4180", ":8443", "a", "..", "x=1", "&", "\u3002", "\uff41", "\u00df"]
+_OWN_HOSTS = ["tool.example.com", "tool.example.com:4180", "127.0.0.1:4180", "[::1]:4180"]
+_ALLOWED = [(), (".allowed.org",), ("allowed.org:8443",), (".allowed.org:*",), ("evil.com:1",)]
+
+
+def _browser_resolves(rd: str, own_host: str) -> tuple[str, int]:
+    """(host, port) a browser navigates to for Location: rd on a page of https://own_host/ (WHATWG-ish:
+    tabs and newlines dropped, controls and spaces trimmed, backslashes read as slashes)."""
+    from urllib.parse import urljoin, urlsplit
+
+    cleaned = rd.replace("\t", "").replace("\n", "").replace("\r", "").strip("\x00 ").replace("\\", "/")
+    target = urlsplit(urljoin(f"https://{own_host}/", cleaned))
+    default = {"http": 80, "https": 443}.get(target.scheme, -1)
+    return (target.hostname or "").lower(), target.port or default
+
+
+def _may_land_on(host: str, port: int, own_host: str, allowed: tuple[str, ...]) -> bool:
+    from urllib.parse import urlsplit
+
+    own = urlsplit(f"https://{own_host}/")
+    if host == own.hostname and port in ({own.port} if own.port else {80, 443}):
+        return True
+    for entry in allowed:
+        name, _, want = entry.lstrip(".").partition(":")
+        host_ok = host == name or (entry.startswith(".") and host.endswith("." + name))
+        if host_ok and (want == "*" or (port == int(want) if want else port in (80, 443))):
+            return True
+    return False
+
+
+# Absolute URLs on hosts near the allowed ones, with and without ports: where the port rule matters.
+_ABSOLUTE = st.builds(
+    lambda scheme, host, port, tail: f"{scheme}//{host}{port}{tail}",
+    st.sampled_from(["http:", "https:", "HTTPS:"]),
+    st.sampled_from(["tool.example.com", "127.0.0.1", "[::1]", "allowed.org", "a.allowed.org", "evil.com"]),
+    st.sampled_from(["", ":80", ":443", ":1", ":4180", ":8443", ":65535"]),
+    st.lists(st.sampled_from(_PIECES), max_size=4).map("".join),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(rd=st.one_of(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), _ABSOLUTE,
+                    st.text(max_size=40)),
+       own_host=st.sampled_from(_OWN_HOSTS), allowed=st.sampled_from(_ALLOWED))
+def test_no_accepted_rd_resolves_to_a_foreign_host(rd: str, own_host: str, allowed: tuple[str, ...]) -> None:
+    """Property: an accepted rd is returned unchanged, and a browser resolving it lands on our own host at
+    public_url's port or on an allowed domain at a port its entry allows (SPEC §4, §16); never elsewhere."""
+    got = safe_redirect(rd, own_host=own_host, allowed_domains=allowed)
+    if got == "/":
+        return
+    assert got == rd
+    host, port = _browser_resolves(rd, own_host)
+    assert _may_land_on(host, port, own_host, allowed), (rd, host, port)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.access.routes import RouteTable, normalized_path, parse_rule
@@ -51,7 +51,6 @@ def test_bad_rules_say_what_is_wrong(text: str, message: str) -> None:
         ("/a%20b", "/a b"),
         ("/caf%C3%A9", "/café"),
         ("/%70ublic/x", "/public/x"),
-        ("/a%25b", "/a%b"),
         ("/.well-known/x", "/.well-known/x"),
         ("/a/.../b", "/a/.../b"),
         ("/a;v=1/b", "/a;v=1/b"),
@@ -76,6 +75,7 @@ def test_normal_paths_are_decoded(raw: str, expected: str) -> None:
         "/public/..;/private", "/public/.;x/private",
         "/a%00", "/a%0a", "/a%0D", "/a%7f", "/a%zz", "/a%", "/a%2",
         "/a%c0%ae%c0%ae/", "/a%ff",
+        "/public/%252e%252e/private", "/public/%25", "/a%252f", "/100%25",
         "/a\x00", "/a\t", "/a b", "/caf\u00e9",
         "http://evil.example/public", "*", "", "public",
     ],
@@ -121,6 +121,9 @@ TABLE = RouteTable.from_config(public=["^/public/", "GET=^/static/", "^/health$"
         ("GET", "/api/../public/x", "protected"),
         ("GET", "/api//v1", "protected"),
         ("GET", "http://evil.example/public/x", "protected"),
+        # SPEC §16: "%25" is not normal form (a hop that decodes twice sees "/public/../private").
+        ("GET", "/public/%252e%252e/private", "protected"),
+        ("GET", "/public/%25", "protected"),
     ],
 )
 def test_classify(method: str, raw: str, expected: str) -> None:
@@ -161,3 +164,27 @@ def test_an_encoded_separator_never_rides_a_public_rule(before: list[str], after
     assert normalized_path(path) is None
     assert TABLE.classify(method, path) == "protected"
 
+
+# ---- properties (hypothesis) ------------------------------------------------------------------------------
+
+_PATH_PIECES = ["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "%25", "%252e", "%", "%41", "%c3%a9", "%00",
+                "\\", ";", "public", "private", "x", "?", "#", "\t", " ", "\u00e9"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.one_of(st.lists(st.sampled_from(_PATH_PIECES), max_size=10).map("".join), st.text(max_size=30)))
+def test_a_public_path_is_in_normal_form_and_its_decoding_is_stable(raw: str) -> None:
+    """Property: whenever a request is classified public, its path is in normal form (no empty or dot segment,
+    no backslash, no control character) and decoding it once more changes nothing, so no later hop can read
+    it as another path (SPEC §4, §16)."""
+    from urllib.parse import unquote
+
+    table = RouteTable.from_config(public=["^/public/"], api=[])
+    if table.classify("GET", "/public/" + raw) != "public":
+        return
+    path = normalized_path("/public/" + raw)
+    assert path is not None and path.startswith("/public/")
+    assert unquote(path) == path
+    segments = path.split("/")[1:]
+    assert all(seg not in ("", ".", "..") for seg in segments[:-1]) and segments[-1] not in (".", "..")
+    assert "\\" not in path and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in path)

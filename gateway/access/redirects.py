@@ -8,6 +8,11 @@ extra slashes skipped, percent-decoded hosts), we accept a narrow, unambiguous s
     /path[?query][#fragment]                          a local path in normal form
     http(s)://host[:port][/path][?query][#fragment]   host = own host or an allowed domain, no userinfo
 
+Ports follow oauth2-proxy's rule (SPEC §16): the gateway's own host accepts only the port of `public_url`
+(its scheme's default when it names none); an allowed domain listed without a port accepts only the target
+scheme's default port; `host:port` accepts that port and `host:*` any port. Another port on an allowed host
+is another service (a debug server on 127.0.0.1:1), not us.
+
 The value returned is the very string that was checked; it is never decoded or re-encoded.
 """
 
@@ -27,6 +32,7 @@ FALLBACK = "/"
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _DNS_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _PORT = re.compile(r"[0-9]{1,5}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # RFC 3986 path/query/fragment characters. Browsers read "\" as "/", drop tabs and newlines anywhere and trim
 # controls and spaces, which is how "/\evil.com", "java<TAB>script:" and "/<TAB>/evil.com" pass naive checks;
@@ -42,7 +48,7 @@ def safe_redirect(rd: str | None, *, own_host: str, allowed_domains: Sequence[st
 
 
 def _is_safe(rd: str, own_host: str, allowed_domains: Sequence[str]) -> bool:
-    if not rd or len(rd) > MAX_LENGTH:
+    if not rd or len(rd) > MAX_LENGTH or len(rd.encode("utf-8", "surrogatepass")) > MAX_LENGTH:
         return False
     if rd.startswith("/"):
         return _is_safe_reference(rd)
@@ -59,8 +65,12 @@ def _is_safe_absolute(rd: str, own_host: str, allowed_domains: Sequence[str]) ->
     if not rest.startswith("//"):
         return False
     authority, tail = _split_authority(rest[2:])
-    host = _host_of(authority)
-    if host is None or not _host_is_allowed(host, own_host, allowed_domains):
+    split = _split_host_port(authority)
+    host = None if split is None else _canonical_host(split[0])
+    if split is None or host is None:
+        return False
+    port = int(split[1]) if split[1] else _DEFAULT_PORTS[scheme.group(1).lower()]
+    if not _host_is_allowed(host, port, scheme.group(1).lower(), own_host, allowed_domains):
         return False
     return not tail or _is_safe_reference(tail if tail.startswith("/") else "/" + tail)
 
@@ -87,15 +97,13 @@ def _is_safe_reference(ref: str) -> bool:
     return "//" not in again and "\\" not in again and not any(ch < " " or ch == "\x7f" for ch in again)
 
 
-def _host_of(authority: str) -> str | None:
-    """Canonical host of an authority, or None when it is not a plain host[:port]."""
-    # Userinfo ("allowed.com@evil.com"), escapes a browser would decode ("evil%2ecom"), backslashes and
-    # spaces all fail the host shape, as does the empty host of "https:///evil.com".
-    split = _split_host_port(authority)
-    return None if split is None else _canonical_host(split[0])
+def _split_host_port(authority: str, *, wildcard: bool = False) -> tuple[str, str | None] | None:
+    """(host, port text or None); None when it is not a plain host[:port].
 
-
-def _split_host_port(authority: str) -> tuple[str, str | None] | None:
+    Userinfo ("allowed.com@evil.com"), escapes a browser would decode ("evil%2ecom"), backslashes and spaces
+    all fail the host shape, as does the empty host of "https:///evil.com". `wildcard` admits the port "*" of
+    a configured `host:*`.
+    """
     if authority.startswith("["):
         end = authority.find("]")
         host, after = authority[: end + 1], authority[end + 1:]
@@ -105,7 +113,7 @@ def _split_host_port(authority: str) -> tuple[str, str | None] | None:
     else:
         host, sep, port_text = authority.partition(":")
         port = port_text if sep else None
-    if port is not None and (not _PORT.fullmatch(port) or int(port) > 65535):
+    if port is not None and not (wildcard and port == "*") and (not _PORT.fullmatch(port) or int(port) > 65535):
         return None
     return host, port
 
@@ -136,19 +144,34 @@ def _idna_host(host: str) -> str | None:
     return ascii_host if _DNS_NAME.fullmatch(ascii_host) else None
 
 
-def _host_is_allowed(host: str, own_host: str, allowed_domains: Sequence[str]) -> bool:
-    if host == _configured_host(own_host):
+def _host_is_allowed(host: str, port: int, scheme: str, own_host: str, allowed_domains: Sequence[str]) -> bool:
+    """`host` (canonical) with its effective `port` is the gateway's own origin or an allowed domain."""
+    own = _configured(own_host)
+    # Our own host: only public_url's port (or, when it names none, the target scheme's default port).
+    if own is not None and host == own[0] and _port_allowed(port, scheme, own[1]):
         return True
     for entry in allowed_domains:
         # oauth2-proxy: ".example.com" allows example.com and its subdomains; "example.com" only itself.
         wildcard = entry.startswith(".")
-        allowed = _configured_host(entry[1:] if wildcard else entry)
-        if allowed and (host == allowed or (wildcard and host.endswith("." + allowed))):
+        allowed = _configured(entry[1:] if wildcard else entry)
+        if allowed is None or not _port_allowed(port, scheme, allowed[1]):
+            continue
+        if host == allowed[0] or (wildcard and host.endswith("." + allowed[0])):
             return True
     return False
 
 
-def _configured_host(entry: str) -> str | None:
-    """Canonical host of a configured name; a port is ignored, as it is for the target."""
-    split = _split_host_port(entry.strip())
-    return None if split is None else _canonical_host(split[0])
+def _port_allowed(port: int, scheme: str, allowed: str | None) -> bool:
+    """oauth2-proxy's port rule: no configured port = the scheme's default only; "*" = any; else that one."""
+    if allowed is None:
+        return port == _DEFAULT_PORTS[scheme]
+    return allowed == "*" or port == int(allowed)
+
+
+def _configured(entry: str) -> tuple[str, str | None] | None:
+    """(canonical host, port text or None) of a configured name such as "example.com:8443" or "host:*"."""
+    split = _split_host_port(entry.strip(), wildcard=True)
+    if split is None:
+        return None
+    host = _canonical_host(split[0])
+    return None if host is None else (host, split[1])

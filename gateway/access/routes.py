@@ -23,8 +23,9 @@ _METHOD_PREFIX = re.compile(r"([A-Za-z]+)=")
 # lenient upstream might still parse its own way.
 _RAW_FORBIDDEN = re.compile(r"[^\x21-\x7e]|\\")
 # Encoded '/' and '\' split segments differently for us and for the upstream; encoded controls hide in logs;
-# a '%' not followed by two hex digits is decoded differently by different servers.
-_ENCODED_FORBIDDEN = re.compile(r"%(?:2[fF]|5[cC]|[01][0-9a-fA-F]|7[fF]|(?![0-9a-fA-F]{2}))")
+# a '%' not followed by two hex digits is decoded differently by different servers; an encoded '%' ("%25")
+# makes a new escape for any hop that decodes once more ("/public/%252e%252e/private", SPEC §16).
+_ENCODED_FORBIDDEN = re.compile(r"%(?:2[fF5]|5[cC]|[01][0-9a-fA-F]|7[fF]|(?![0-9a-fA-F]{2}))")
 # An empty segment ("//"), or a dot segment, also with ";params" that servlet containers drop before resolving
 # dots ("/public/..;/private" climbs out too).
 _NOT_NORMAL = re.compile(r"//|/\.\.?(?:;[^/]*)?(?:/|\Z)")
