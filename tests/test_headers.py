@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.access.headers import (
@@ -309,3 +311,29 @@ def test_policy_from_config() -> None:
     assert policy.cookie_prefix == "_gateway"
     assert policy.identity_names == frozenset(IDENTITY_NAMES)
     assert policy.trusted_proxies == ()
+
+
+# ---- properties (hypothesis) ------------------------------------------------------------------------------
+
+_NAME_PIECES = ["X", "x", "-", "_", "Forwarded", "FORWARDED", "forwarded", "User", "user", "Email", "Groups",
+                "Preferred", "Username", "Auth", "AUTH", "Request", "request", "Other", "a", "Sso", "Tenant"]
+_TOKEN_CHARS = "!#$%&'*+.^_`|~-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@settings(max_examples=400, deadline=None)
+@given(names=st.lists(st.one_of(st.lists(st.sampled_from(_NAME_PIECES), min_size=1, max_size=5).map("".join),
+                                st.text(alphabet=_TOKEN_CHARS, min_size=1, max_size=12)), max_size=8),
+       signed_in=st.booleans(),
+       custom=st.sampled_from([HeaderPolicy(trusted_proxies=TRUSTED),
+                               HeaderPolicy("X-Sso-User", "X-Sso-Email", "X-Sso-Username", "X-Tenant_Groups")]))
+def test_no_spoofed_identity_header_survives(names: list[str], signed_in: bool, custom: HeaderPolicy) -> None:
+    """Property: of the headers a client sends, none whose name (lower-cased, "_" read as "-") is a configured
+    identity header or starts with x-auth-request- reaches the upstream; the only identity headers the
+    upstream sees are the gateway's own, one value each, and only for a signed-in user (SPEC §7)."""
+    sent = [(name, "spoofed") for name in names]
+    out = upstream(*sent, policy=custom, client_ip="10.1.2.3", identity=ALICE if signed_in else ANONYMOUS)
+    for name, value in out.items():
+        key = name.lower().replace("_", "-")
+        if key in custom.identity_names:
+            assert signed_in and value != "spoofed" and len(out.getall(name)) == 1, (name, value)
+        assert value != "spoofed" or not (key in custom.identity_names or key.startswith("x-auth-request-"))

@@ -4,17 +4,22 @@ process through LISTEN/NOTIFY."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from conftest import SESSION_KEY, session_cookie
+from cryptography.fernet import Fernet
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import keys
 from gateway.db import notify as db_notify
 from gateway.services import accounts
-from gateway.sessions.store import cookie_value
+from gateway.sessions.store import MAX_COOKIE_VALUE, cookie_value
 
 
 async def userinfo(http: aiohttp.ClientSession, base: str, cookie: str) -> int:
@@ -180,3 +185,49 @@ async def test_memoized_cookies_and_cached_sessions_expire(gateway_factory: Any,
     queries = store.queries
     assert await store.lookup(ref.sid) is None
     assert store.queries == queries + 1
+async def test_failed_decryptions_are_not_remembered(gateway_factory: Any) -> None:
+    """SPEC §16: garbage cookies cost a decryption each but never stay in the process's memory."""
+    gw = await gateway_factory()
+    store = gw.public_app[keys.SESSIONS]
+    async with aiohttp.ClientSession() as http:
+        for i in range(200):
+            assert await userinfo(http, gw.public_url, f"gAAAAA{i:04d}" + "x" * 3000) == 401
+    assert len(store._decoded) == 0
+    cookie = await session_cookie(gw)
+    async with aiohttp.ClientSession() as http:
+        assert await userinfo(http, gw.public_url, cookie) == 200
+    assert len(store._decoded) == 1
+
+
+async def test_a_cookie_over_4_kb_is_not_signed_in_even_when_it_decrypts(gateway_factory: Any,
+                                                                          db: asyncpg.Pool) -> None:
+    gw = await gateway_factory()
+    await session_cookie(gw)
+    sid, uid = await db.fetchval("SELECT id FROM sessions"), await db.fetchval("SELECT id FROM users")
+
+    def sealed(pad: int) -> str:
+        payload = {"created": int(time.time()), "session": {"sid": sid, "uid": uid, "pad": "x" * pad}}
+        return Fernet(SESSION_KEY.encode()).encrypt(json.dumps(payload).encode()).decode()
+
+    small, big = sealed(10), sealed(3200)
+    assert len(small) < MAX_COOKIE_VALUE < len(big)
+    async with aiohttp.ClientSession() as http:
+        assert await userinfo(http, gw.public_url, small) == 200
+        assert await userinfo(http, gw.public_url, big) == 401
+
+
+_COOKIE_NAMES = st.sampled_from(["_gateway", "_gateway_state_x", "x_gateway", "_gatewayx", "a", "_GATEWAY",
+                                 " _gateway", "_gateway "])
+_COOKIE_VALUES = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=';"'),
+                         max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs=st.lists(st.tuples(_COOKIE_NAMES, _COOKIE_VALUES), max_size=6))
+def test_cookie_value_is_the_first_cookie_of_exactly_that_name(pairs: list[tuple[str, str]]) -> None:
+    """Property: cookie_value(header, "_gateway") is the value of the first cookie named exactly "_gateway"
+    (spaces around names and values are insignificant, an empty value is no cookie), never the value of a
+    cookie whose name merely contains it, and None when there is none."""
+    header = "; ".join(f"{k}={v}" for k, v in pairs)
+    named = [v.strip() for k, v in pairs if k.strip() == "_gateway"]
+    assert cookie_value(header, "_gateway") == (named[0] or None if named else None)

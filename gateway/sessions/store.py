@@ -39,6 +39,9 @@ from gateway.sessions.tokens import TokenStore
 log = logging.getLogger("gateway.sessions")
 
 DECODE_MEMO_SIZE = 20_000
+# Our cookie is about 200 characters; browsers cap a cookie at 4 KB. Anything longer is not ours: ignored
+# without spending a decryption on it.
+MAX_COOKIE_VALUE = 4096
 CACHE_SIZE = 50_000
 # A session id unknown to the database is remembered as "nobody" only briefly: it cannot become valid later
 # (ids are random and new at every sign-in), the short time only bounds memory churn under cookie spraying.
@@ -70,8 +73,9 @@ def cookie_value(header: str | None, name: str) -> str | None:
     if not header or name not in header:
         return None
     for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
+        key, sep, value = part.partition("=")
+        # RFC 6265 §5.2: spaces around the name are not part of it (found by the hypothesis property).
+        if sep and key.strip() == name:
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
@@ -93,7 +97,7 @@ class SessionStore:
                                  if cfg.provisioning.resync_interval else None)
         self.fernet = MultiFernet([Fernet(k.encode()) for k in cfg.session.secrets])
         self._clock = clock
-        self._decoded: OrderedDict[str, CookieRef | None] = OrderedDict()
+        self._decoded: OrderedDict[str, CookieRef] = OrderedDict()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._by_user: dict[int, set[str]] = {}
         self.queries = 0  # database look-ups made by this store: the proxy path's only possible queries
@@ -126,12 +130,19 @@ class SessionStore:
         return storage
 
     def decode(self, value: str) -> CookieRef | None:
-        """Decrypt a cookie value (memoized); None when tampered, expired, or from an unknown key."""
+        """Decrypt a cookie value (successes memoized); None when tampered, expired, from an unknown key, or
+        longer than any cookie we write (SPEC §16)."""
+        if len(value) > MAX_COOKIE_VALUE:
+            return None
         try:
             ref = self._decoded[value]
             self._decoded.move_to_end(value)
         except KeyError:
             ref = self._decrypt(value)
+            if ref is None:
+                # Failures are not remembered: anyone can send endless distinct garbage, and the memo would hold
+                # each value (up to 4 KB) for good. Only cookies we issued, which are few, are worth keeping.
+                return None
             self._decoded[value] = ref
             if len(self._decoded) > DECODE_MEMO_SIZE:
                 self._decoded.popitem(last=False)

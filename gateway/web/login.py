@@ -34,17 +34,45 @@ from gateway.errors import (
 from gateway.sessions.store import SessionStore
 from gateway.sync import provisioning, resync
 from gateway.sync.gitlab import pkce_pair, random_token
-from gateway.web.pages import redirect
+from gateway.web.pages import redirect, sign_out_page
 
 log = logging.getLogger("gateway.login")
 
 STATE_TTL = 600  # seconds: SPEC §4, "a short-lived (10 min) signed cookie"
 _REFUSAL_CODE = re.compile(r"[a-z_]{1,40}")
+MAX_STATE_COOKIES = 5  # SPEC §16: sign-ins in progress per browser; the oldest is dropped
+# Bytes of state cookies a browser may hold at once: one with the longest accepted rd (2,048 bytes) fits, and
+# with the session cookie and the tool's own cookies the header stays far below aiohttp's 8,190-byte limit.
+STATE_COOKIE_BUDGET = 4096
 
 
 def _state_cookie_name(store: SessionStore, state: str) -> str:
     # Only a prefix of the state: enough to tell tabs apart; the full state is checked inside the cookie.
     return f"{store.cookie_name}_state_{state[:12]}"
+
+
+def _stale_state_cookies(request: web.Request, store: SessionStore, new_size: int) -> list[str]:
+    """Names of this browser's sign-in state cookies to drop so that, with a new one of `new_size`
+    characters, at most MAX_STATE_COOKIES remain within STATE_COOKIE_BUDGET (SPEC §16): abandoned sign-ins
+    (tabs closed at GitLab's page, repeated clicks) must never grow the Cookie header past the server's limit
+    and lock the browser out of {prefix}/*. The oldest go first; unreadable ones count as oldest."""
+    prefix = f"{store.cookie_name}_state_"
+    held = []
+    for name, value in request.cookies.items():
+        if name.startswith(prefix):
+            try:
+                # Fernet's own timestamp has whole seconds only: several starts share one.
+                issued = float(json.loads(store.fernet.decrypt(value.encode(), ttl=STATE_TTL))["t"])
+            except (InvalidToken, ValueError, KeyError, TypeError):
+                issued = 0.0
+            held.append((issued, name, len(name) + len(value) + 2))
+    held.sort(reverse=True)  # newest first
+    keep, used = 0, new_size
+    for _issued, _name, size in held:
+        if keep + 1 >= MAX_STATE_COOKIES or used + size > STATE_COOKIE_BUDGET:
+            break
+        keep, used = keep + 1, used + size
+    return [name for _issued, name, _size in held[keep:]]
 
 
 def _safe_rd(request: web.Request) -> str:
@@ -68,7 +96,7 @@ async def start(request: web.Request) -> web.Response:
     nonce = random_token() if "openid" in cfg.gitlab.scopes else None
     again = request.query.get("again", "")
     state_data = {"state": state, "verifier": verifier, "nonce": nonce, "rd": rd,
-                  "again": again if _REFUSAL_CODE.fullmatch(again) else None}
+                  "again": again if _REFUSAL_CODE.fullmatch(again) else None, "t": time.time()}
     sealed = store.fernet.encrypt(json.dumps(state_data).encode()).decode()
     gitlab = request.app[keys.GITLAB]
     if nonce is not None:
@@ -77,7 +105,11 @@ async def start(request: web.Request) -> web.Response:
     url = gitlab.authorize_url(state=state, code_challenge=challenge, redirect_uri=cfg.server.callback_url,
                                nonce=nonce)
     response = redirect(url)
-    response.set_cookie(_state_cookie_name(store, state), sealed, max_age=STATE_TTL, path=cfg.server.prefix,
+    name = _state_cookie_name(store, state)
+    for stale in _stale_state_cookies(request, store, len(name) + len(sealed) + 2):
+        response.del_cookie(stale, path=cfg.server.prefix, secure=cfg.cookie_secure, httponly=True,
+                            samesite="Lax")
+    response.set_cookie(name, sealed, max_age=STATE_TTL, path=cfg.server.prefix,
                         secure=cfg.cookie_secure, httponly=True, samesite="Lax")
     return response
 
@@ -225,11 +257,22 @@ def _way_out(err: GatewayError, gitlab_url: str, retry: str, *, repeated: bool) 
                       "sign out of GitLab first.")
 
 
+# Sec-Fetch-Site values of a GET that the user made themselves (typed, bookmarked, a link of our own site), or
+# of a client that does not send the header at all (older browsers, curl): those sign out at once.
+_OWN_NAVIGATION = frozenset({"", "same-origin", "none"})
+
+
 async def sign_out(request: web.Request) -> web.Response:
-    """Revoke the server-side session, clear the cookie, go to the validated `rd`."""
+    """Revoke the server-side session, clear the cookie, go to the validated `rd`.
+
+    A cross-site GET (an image or link on another site) does not sign out (SPEC §16): it gets a page whose
+    button POSTs the sign-out, so no other site can end the user's session behind their back.
+    """
     cfg = request.app[keys.CONFIG]
     store = request.app[keys.SESSIONS]
     rd = _safe_rd(request)
+    if request.method != "POST" and request.headers.get("Sec-Fetch-Site", "").lower() not in _OWN_NAVIGATION:
+        return sign_out_page(f"{cfg.server.prefix}/sign_out?rd={quote(rd, safe='')}")
     ref = store.request_ref(request)
     if ref is not None:
         identity = await store.lookup(ref.sid)

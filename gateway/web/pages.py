@@ -67,3 +67,21 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
 def redirect(location: str) -> web.Response:
     """A 302 whose Location is exactly `location`: no re-encoding (what was validated is what is sent)."""
     return web.Response(status=302, headers={"Location": location, **NO_STORE})
+
+
+_CONFIRM_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Sign out?</title>
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#222}}
+h1{{font-size:1.4rem}} button{{padding:.5rem 1rem;background:#554488;color:#fff;border:0;border-radius:4px;
+font:inherit;cursor:pointer}}</style></head>
+<body><h1 id="title">Sign out?</h1><p id="message">A link on another site sent you here to sign you out.</p>
+<p id="advice">If you want to sign out, press the button; otherwise close this page.</p>
+<form method="post" action="{action}"><button id="sign-out" type="submit">Sign out</button></form></body></html>
+"""
+
+
+def sign_out_page(action: str) -> web.Response:
+    """The page a cross-site sign-out link lands on: a button that POSTs the sign-out to `action`."""
+    return web.Response(status=200, text=_CONFIRM_PAGE.format(action=html.escape(action)), content_type="text/html",
+                        headers=NO_STORE)
