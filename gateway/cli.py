@@ -37,7 +37,33 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     for warning in policy_warnings(cfg):
         print(f"warning: {warning}")
+    if cfg.database.dsn:
+        _check_group_names(cfg.database.dsn)
     return EXIT_OK
+
+
+def _check_group_names(dsn: str) -> None:
+    """Warn about existing group names the groups header cannot carry (SPEC §16), when the configured database
+    answers within 2 seconds; the embedded server is not started for this (`gateway run` reports them)."""
+    import asyncpg
+
+    from gateway.db import migrate as db_migrate
+    from gateway.services.groups import misnamed_groups
+
+    async def check() -> list[tuple[str, str]]:
+        conn = await asyncpg.connect(dsn, timeout=2)
+        try:
+            return [] if await db_migrate.pending(conn) else await misnamed_groups(conn)
+        finally:
+            await conn.close()
+
+    try:
+        misnamed = asyncio.run(check())
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+        print(f"note: group names in the database were not checked ({type(exc).__name__})")
+        return
+    for name, problem in misnamed:
+        print(f"warning: group {name!r}: {problem}; rename it (gateway groups list shows its id)")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from gateway.db.server import describe, resolve_dsn
 from gateway.errors import DatabaseUnavailable
 from gateway.listener import Limits, Listener
 from gateway.metrics import Metrics
+from gateway.services import groups
 
 log = logging.getLogger("gateway.server")
 
@@ -50,9 +51,20 @@ async def prepare_database(cfg: Config, *, apply_migrations: bool) -> str:
             applied = await db_migrate.migrate(conn)
             if applied:
                 log.info("migrations applied", extra={"versions": applied})
+        if not await db_migrate.pending(conn):
+            await report_misnamed_groups(conn)
     finally:
         await conn.close()
     return dsn
+
+
+async def report_misnamed_groups(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    """Warn about groups named before SPEC §16 in a way the groups header cannot carry (rename them)."""
+    misnamed = await groups.misnamed_groups(conn)
+    for name, problem in misnamed:
+        log.warning("a group name breaks the groups header: rename it (PATCH /api/v1/groups/{id})",
+                    extra={"group": name, "problem": problem})
+    return misnamed
 
 
 def public_runner(app: web.Application, cfg: Config) -> web.AppRunner:

@@ -8,7 +8,10 @@ admin token that made it (bearer_middleware puts it under ADMIN_ACTOR).
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +27,30 @@ from gateway.web.tokens import token_id
 
 API = "/api/v1"
 MAX_ID_DIGITS = 18  # bigint ids; a longer number cannot name a row
+# What PostgreSQL text cannot hold (NUL) and what UTF-8 cannot encode (lone surrogates, e.g. JSON "\ud800" or
+# percent-encoded invalid UTF-8): refused at the edge, or the database driver would fail with a 500 (SPEC §16).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _storable_input(handler: Handler) -> Handler:
+    """Refuse unstorable characters in the query (400) and in the path (404: no row can have such a name)."""
+
+    @functools.wraps(handler)
+    async def checked(request: web.Request) -> web.Response:
+        for name, value in request.query.items():
+            if _UNSTORABLE.search(name) or _UNSTORABLE.search(value):
+                raise BadRequest(f"The query parameter {_printable(name)!r} holds a NUL byte or invalid text")
+        for name, value in request.match_info.items():
+            if _UNSTORABLE.search(value):
+                raise NotFound(f"No {name} named like that: it holds a NUL byte or invalid text")
+        return await handler(request)
+
+    return checked
+
+
+def _printable(text: str) -> str:
+    return _UNSTORABLE.sub("\ufffd", text)[:64]
 
 
 # ---- request and response helpers ----------------------------------------------------------------------
@@ -64,6 +91,8 @@ async def _body(request: web.Request, required: dict[str, type], optional: dict[
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             kind = {str: "a string", int: "an integer", bool: "true or false"}[want]
             raise Unprocessable(f"{name!r} must be {kind}")
+        if isinstance(value, str) and _UNSTORABLE.search(value):
+            raise Unprocessable(f"{name!r} must not contain NUL bytes or lone surrogates (invalid Unicode)")
     return data
 
 
@@ -71,7 +100,8 @@ def _query_int(request: web.Request, name: str) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > MAX_ID_DIGITS:
+    # isascii: str.isdigit() also accepts digits int() refuses ("²").
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_ID_DIGITS:
         raise BadRequest(f"{name} must be a positive integer")
     return int(raw)
 
@@ -90,7 +120,7 @@ async def _group_id(request: web.Request) -> int:
     """The group a path names: its numeric id, or its URL-encoded name (`/groups/acme%2Fplatform`), as the
     CLI takes names. A name made only of digits is read as an id."""
     raw = request.match_info["id"]
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():  # str.isdigit() alone accepts "²", which int() refuses
         if len(raw) > MAX_ID_DIGITS:
             raise NotFound(f"No group with id {raw}")
         return int(raw)
@@ -247,26 +277,31 @@ async def run_sync(request: web.Request) -> web.Response:
     return _json(result.to_json())
 
 
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/groups", list_groups),
+    ("POST", "/groups", create_group),
+    ("GET", "/groups/{id}", get_group),
+    ("PATCH", "/groups/{id}", update_group),
+    ("DELETE", "/groups/{id}", delete_group),
+    ("GET", "/groups/{id}/members", list_members),
+    ("POST", "/groups/{id}/members", add_member),
+    ("DELETE", "/groups/{id}/members/{login}", remove_member),
+    ("GET", "/users", list_users),
+    ("POST", "/users", create_user),
+    ("GET", "/users/{login}", get_user),
+    ("PATCH", "/users/{login}", update_user),
+    ("POST", "/users/{login}/sync", sync_user),
+    ("GET", "/sessions", list_sessions),
+    ("DELETE", "/sessions/{id}", revoke_session),
+    ("GET", "/audit", list_audit),
+    ("GET", "/tokens", list_tokens),
+    ("POST", "/tokens", create_token),
+    ("DELETE", "/tokens/{id}", revoke_token),
+    ("POST", "/sync", run_sync),
+)
+
+
 def add_routes(app: web.Application) -> None:
-    """Register the /api/v1 handlers."""
-    r = app.router
-    r.add_get(f"{API}/groups", list_groups)
-    r.add_post(f"{API}/groups", create_group)
-    r.add_get(f"{API}/groups/{{id}}", get_group)
-    r.add_patch(f"{API}/groups/{{id}}", update_group)
-    r.add_delete(f"{API}/groups/{{id}}", delete_group)
-    r.add_get(f"{API}/groups/{{id}}/members", list_members)
-    r.add_post(f"{API}/groups/{{id}}/members", add_member)
-    r.add_delete(f"{API}/groups/{{id}}/members/{{login}}", remove_member)
-    r.add_get(f"{API}/users", list_users)
-    r.add_post(f"{API}/users", create_user)
-    r.add_get(f"{API}/users/{{login}}", get_user)
-    r.add_patch(f"{API}/users/{{login}}", update_user)
-    r.add_post(f"{API}/users/{{login}}/sync", sync_user)
-    r.add_get(f"{API}/sessions", list_sessions)
-    r.add_delete(f"{API}/sessions/{{id}}", revoke_session)
-    r.add_get(f"{API}/audit", list_audit)
-    r.add_get(f"{API}/tokens", list_tokens)
-    r.add_post(f"{API}/tokens", create_token)
-    r.add_delete(f"{API}/tokens/{{id}}", revoke_token)
-    r.add_post(f"{API}/sync", run_sync)
+    """Register the /api/v1 handlers, each behind the unstorable-input check."""
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, API + path, _storable_input(handler))

@@ -11,6 +11,7 @@ import asyncpg
 COLUMNS = """g.id, g.name, g.description, g.builtin, g.gitlab_group_id, g.created_at,
   (SELECT count(*) FROM memberships m WHERE m.group_id = g.id) AS member_count"""
 BY_NAMES = f"SELECT {COLUMNS} FROM groups g WHERE g.name = ANY($1::text[]) ORDER BY g.id"
+ALL_NAMES = "SELECT name FROM groups ORDER BY name"
 BY_ID = f"SELECT {COLUMNS} FROM groups g WHERE g.id = $1"
 BY_NAME = f"SELECT {COLUMNS} FROM groups g WHERE g.name = $1"
 DEFAULT = f"SELECT {COLUMNS} FROM groups g WHERE g.builtin ORDER BY g.id LIMIT 1"
@@ -70,6 +71,10 @@ async def _one(conn: asyncpg.Connection, sql: str, *args: Any) -> Group | None:
 
 async def by_names(conn: asyncpg.Connection, names: list[str]) -> list[Group]:
     return [Group.from_record(r) for r in await conn.fetch(BY_NAMES, names)]
+
+
+async def all_names(conn: asyncpg.Connection) -> list[str]:
+    return [r["name"] for r in await conn.fetch(ALL_NAMES)]
 
 
 async def by_id(conn: asyncpg.Connection, group_id: int) -> Group | None:

@@ -27,8 +27,9 @@ MAX_FIELD = 255
 # GitLab usernames: letters, digits, '_', '.', '-'; not starting with '-' or '.', not ending with '.'.
 _LOGIN = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_-])?")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
-# Control characters have no place in names shown in tables and logs (also used by services.groups).
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters (C0, DEL, C1, the Unicode line separators) have no place in names shown in tables, logs
+# and headers; nor have lone surrogates, which no database or header can carry (also used by services.groups).
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)

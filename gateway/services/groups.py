@@ -4,7 +4,8 @@ Group names. A local group is matched to a GitLab group when its name equals the
 (SPEC §5 rule 6), so a name that looks like a path must be one GitLab could have; anything else is a
 local-only group that sync never touches. The rule (`check_name`):
 
-- 1 to 255 characters, no leading or trailing whitespace, no control characters;
+- 1 to 255 characters, no leading or trailing whitespace, no control characters, no "," (the groups
+  header joins names with ",": a group "admins,other" would read as two groups upstream, SPEC §16);
 - a name that contains "/" or is made only of GitLab path characters [A-Za-z0-9_.-] is a GitLab full path and
   must be a valid one: 1 to 21 segments (a group and at most 20 ancestors) separated by single "/", each
   segment starting and ending with a letter or digit, with no two special characters (_ . -) in a row, and
@@ -54,16 +55,27 @@ def _member(r: asyncpg.Record) -> Member:
     return Member(r["login"], r["name"], r["email"], r["active"], r["source"], r["added_at"])
 
 
+def header_problem(name: str) -> str | None:
+    """Why `name` cannot travel in the comma-joined groups header (SPEC §16), or None when it can."""
+    if not name or not name.strip():
+        return "A group name must not be empty"
+    if name != name.strip():
+        return "A group name must not start or end with whitespace"
+    if CONTROL_CHARS.search(name):
+        return "A group name must not contain control characters"
+    if "," in name:
+        return ("A group name must not contain ',': the groups header joins names with ',' so the tool would "
+                "read it as several groups")
+    return None
+
+
 def check_name(name: str) -> str:
     """The group-name rule of this module's docstring; Unprocessable with the reason when broken."""
-    if not name or not name.strip():
-        raise Unprocessable("A group name must not be empty")
+    problem = header_problem(name)
+    if problem is not None:
+        raise Unprocessable(problem)
     if len(name) > MAX_NAME:
         raise Unprocessable(f"A group name must be at most {MAX_NAME} characters long")
-    if name != name.strip():
-        raise Unprocessable("A group name must not start or end with whitespace")
-    if CONTROL_CHARS.search(name):
-        raise Unprocessable("A group name must not contain control characters")
     if "/" in name or _PATH_CHARS.fullmatch(name):
         segments = name.split("/")
         if len(segments) > MAX_SEGMENTS:
@@ -95,6 +107,12 @@ async def _user(conn: asyncpg.Connection, login: str) -> db_users.User:
     if user is None:
         raise NotFound(f"No user with login {login}")
     return user
+
+
+async def misnamed_groups(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    """(name, problem) of every existing group whose name breaks the header rule (made before SPEC §16)."""
+    return [(name, problem) for name in await db_groups.all_names(conn)
+            if (problem := header_problem(name)) is not None]
 
 
 async def list_groups(pool: asyncpg.Pool, *, cursor: str | None = None, limit: int | None = None

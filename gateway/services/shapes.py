@@ -34,9 +34,12 @@ def parse_time(text: str, what: str = "since") -> datetime:
     """An ISO 8601 date or time (UTC when it names no offset); BadRequest saying what is expected."""
     try:
         at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadRequest(f"{what} must be an ISO 8601 time such as 2026-01-31T12:00:00Z") from None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        # In UTC, 0001-01-01T00:00:00+14:00 is before year 1 and 9999-12-31T23:59-14:00 after 9999: Python
+        # raises OverflowError there, and the database driver would too (a 500), so check it here (SPEC §16).
+        return at.astimezone(UTC) if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"{what} must be an ISO 8601 time between years 1 and 9999, "
+                         "such as 2026-01-31T12:00:00Z") from None
 
 
 def group(g: Group) -> Json:

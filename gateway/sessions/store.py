@@ -134,10 +134,10 @@ class SessionStore:
         longer than any cookie we write (SPEC §16)."""
         if len(value) > MAX_COOKIE_VALUE:
             return None
-        try:
-            ref = self._decoded[value]
+        ref = self._decoded.get(value)
+        if ref is not None:
             self._decoded.move_to_end(value)
-        except KeyError:
+        else:
             ref = self._decrypt(value)
             if ref is None:
                 # Failures are not remembered: anyone can send endless distinct garbage, and the memo would hold
@@ -146,7 +146,7 @@ class SessionStore:
             self._decoded[value] = ref
             if len(self._decoded) > DECODE_MEMO_SIZE:
                 self._decoded.popitem(last=False)
-        if ref is not None and time.time() - ref.issued > self.lifetime:
+        if time.time() - ref.issued > self.lifetime:
             return None
         return ref
 
