@@ -7,7 +7,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
-from conftest import Gateway, audit_actions
+import pytest
+from conftest import Gateway, audit_actions, echoed_headers
 
 from gateway.web.login import MAX_STATE_COOKIES
 
@@ -88,3 +89,47 @@ async def test_own_navigations_sign_out_with_a_get(gateway_factory: Any) -> None
             r = await b.get("/oauth2/sign_out", headers=headers)
             assert r.status == 302, site
             assert (await b.get("/oauth2/userinfo")).status == 401
+
+
+# ---- identity values from GitLab ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("field", "profile"),
+    [
+        ("username", {"username": "mallory\r\nX-Forwarded-User: root"}),
+        ("username", {"username": "mal\x00lory"}),
+        ("name", {"name": "Mal\x00lory"}),
+        ("name", {"name": "Mal\ud800lory"}),
+        ("email", {"email": "mallory@example.com\nX-Evil: 1"}),
+    ],
+)
+@pytest.mark.parametrize("source", ["api", "userinfo"])
+async def test_control_characters_in_the_gitlab_profile_refuse_the_sign_in(
+        gateway_factory: Any, db: asyncpg.Pool, field: str, profile: dict[str, str], source: str) -> None:
+    gw: Gateway = await gateway_factory(gitlab={"groups_source": source})
+    username = profile.get("username", "mallory")
+    gw.fake.add_user(66, username, name=profile.get("name", "Mallory"),
+                     email=profile.get("email", "mallory@example.com"))
+    async with gw.browser() as b:
+        r = await b.sign_in(username, expect_status=403)
+        body = await r.text()
+        assert f"Your GitLab {field} contains control characters" in body
+        assert 'id="retry"' in body
+        assert (await b.get("/oauth2/userinfo")).status == 401
+    assert await db.fetchval("SELECT count(*) FROM users") == 0
+    ((action, subject, details),) = [a for a in await audit_actions(db) if a[0] == "sign_in.refused"]
+    assert details["reason"] == "invalid_profile" and details["field"] == field and details["gitlab_id"] == 66
+    assert "\n" not in subject and "\x00" not in subject
+
+
+async def test_non_ascii_profiles_pass_as_utf8(gateway_factory: Any, upstream: str) -> None:
+    gw: Gateway = await gateway_factory()
+    gw.fake.add_user(12, "zoe", name="Zoë Ünïcødé 山田", email="zoë@exämple.com")
+    async with gw.browser() as b:
+        await b.sign_in("zoe")
+        r = await b.get("/oauth2/userinfo")
+        assert r.status == 200 and (await r.json())["email"] == "zoë@exämple.com"
+        r = await b.get("/anything", headers={"Accept": "application/json"})
+        assert r.status == 200
+        echoed = echoed_headers(await r.json())
+        assert echoed["x-forwarded-email"] == ["zoë@exämple.com"]

@@ -26,6 +26,7 @@ from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
 from gateway.errors import DatabaseUnavailable, SignInRefused
 from gateway.identity import Identity
+from gateway.services.accounts import CONTROL_CHARS
 from gateway.sessions.store import new_session_id
 from gateway.sync import renames
 from gateway.sync.gitlab import GitLabGroup, GitLabUser
@@ -83,6 +84,19 @@ class _Refusal(Exception):
         self.code, self.message, self.advice, self.details = code, message, advice, details
 
 
+def unusable_profile_field(user: GitLabUser) -> str | None:
+    """The first of username, name, email that holds a control character (or invalid Unicode), else None."""
+    for label, value in (("username", user.username), ("name", user.name), ("email", user.email)):
+        if CONTROL_CHARS.search(value):
+            return label
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and lone surrogates written as escapes (for audit rows and logs)."""
+    return CONTROL_CHARS.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode(), text)
+
+
 def in_allowed_groups(groups: tuple[GitLabGroup, ...], allowed: tuple[str, ...]) -> bool:
     """Rule 2: some group equals an allowed path or lies below it (case-sensitive; `acme-corp` is not in `acme`)."""
     return any(g.full_path == a or g.full_path.startswith(a + "/") for g in groups for a in allowed)
@@ -124,6 +138,13 @@ def _check_gitlab(cfg: ProvisioningConfig, user: GitLabUser, groups: tuple[GitLa
     if user.state != "active":
         raise _Refusal("blocked", "Your GitLab account is not active",
                        "Ask a GitLab administrator to unblock your account.", {"state": user.state})
+    unusable = unusable_profile_field(user)
+    if unusable is not None:
+        # A CR/LF would break every identity header sent upstream, a NUL cannot be stored (SPEC §16).
+        raise _Refusal(
+            "invalid_profile", f"Your GitLab {unusable} contains control characters (such as a line break)",
+            f"Edit your {unusable} in GitLab (Edit profile), remove them, then sign in again.",
+            {"field": unusable})
     if cfg.allowed_groups and (groups is None or not in_allowed_groups(groups, cfg.allowed_groups)):
         raise _Refusal(
             "not_allowed",
@@ -133,7 +154,7 @@ def _check_gitlab(cfg: ProvisioningConfig, user: GitLabUser, groups: tuple[GitLa
 
 
 async def _audit_refusal(pool: asyncpg.Pool, user: GitLabUser, refusal: _Refusal) -> None:
-    await audit_refusal(pool, user.username, refusal.code, gitlab_id=user.id, **refusal.details)
+    await audit_refusal(pool, printable(user.username), refusal.code, gitlab_id=user.id, **refusal.details)
 
 
 async def audit_gitlab_refusal(pool: asyncpg.Pool, refusal: SignInRefused) -> str:
