@@ -18,7 +18,10 @@ import threading
 import time
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii
+from types import TracebackType
 from typing import TextIO
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the output.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -58,6 +61,35 @@ def _value(value: object) -> object:
     return scrub(value) if isinstance(value, str) else value
 
 
+# C0 and C1 controls, DEL and the Unicode line separators: in a text log, a CR/LF from a request path
+# ("/x%0d%0a12:00:00 INFO ...") would otherwise start a forged line (SPEC §16).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters written as escapes (\\r, \\n, \\x00, \\u2028)."""
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+_QUOTED_BYTES = re.compile(r"""[:\s]*b['"]""")
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def _exception_text(formatter: logging.Formatter, exc_info: ExcInfo) -> str:
+    """The traceback, except for aiohttp's bad-request errors: their message quotes the offending bytes of the
+    request (80 characters of an oversized Cookie header, an Authorization value), so only the first line of
+    the message is kept, which names what was wrong."""
+    exc = exc_info[1]
+    if isinstance(exc, HttpProcessingError):
+        lines = str(exc.message).strip().splitlines()
+        # "Got more than 8190 bytes when reading: b'_gateway=...'": cut from the quoted bytes on.
+        what = _QUOTED_BYTES.split(lines[0], maxsplit=1)[0] if lines else ""
+        return f"{type(exc).__name__}: {exc.code} {what} (request bytes not logged)"
+    return formatter.formatException(exc_info)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, object]:
     out = {k: (REDACTED if k.lower() in _SECRET_KEYS else _value(v))
            for k, v in vars(record).items() if k not in _STANDARD}
@@ -78,8 +110,8 @@ class JsonFormatter(logging.Formatter):
             "event": scrub(record.getMessage()),
         }
         out.update(_fields(record))
-        if record.exc_info:
-            out["exception"] = scrub(self.formatException(record.exc_info))
+        if record.exc_info and record.exc_info[1] is not None:
+            out["exception"] = scrub(_exception_text(self, record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -88,11 +120,13 @@ class TextFormatter(logging.Formatter):
     out)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items() if v is not None)
+        extra = " ".join(f"{k}={escape_controls(str(v))}" for k, v in _fields(record).items() if v is not None)
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        line = f"{stamp} {record.levelname:<7} {record.name}: {scrub(record.getMessage())} {extra}"
-        if record.exc_info:
-            line += "\n" + scrub(self.formatException(record.exc_info))
+        line = f"{stamp} {record.levelname:<7} {record.name}: {escape_controls(scrub(record.getMessage()))} {extra}"
+        if record.exc_info and record.exc_info[1] is not None:
+            # A traceback spans lines; each is marked as a continuation so none can pass for a log line.
+            text = scrub(_exception_text(self, record.exc_info))
+            line += "".join(f"\n  | {escape_controls(part)}" for part in text.splitlines())
         return line.rstrip()
 
 
