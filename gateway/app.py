@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import keys, logs
 from gateway.access.headers import HeaderPolicy
+from gateway.access.ratelimit import RateLimiter
 from gateway.access.routes import RouteTable
 from gateway.config import Config, ConfigError
 from gateway.db import DB_UNAVAILABLE
@@ -179,6 +180,7 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
     app[keys.ACCESS] = access.Access.from_config(cfg, app[keys.HEADER_POLICY])
     app[access.SIGNER] = app[keys.ACCESS].signer
+    app[keys.SIGNIN_LIMITER] = RateLimiter(cfg.server.signin_rate.count, cfg.server.signin_rate.period)
     app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, resync_ctx, tokens_ctx, proxy.upstream_ctx])
     p = cfg.server.prefix
     if cfg.gitlab.webhook_secret:

@@ -51,6 +51,14 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """`count` requests per `period` seconds ("30/m")."""
+
+    count: int
+    period: float
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: Listen = Listen("0.0.0.0", 4180)
     public_url: str = "http://127.0.0.1:4180"
@@ -67,6 +75,7 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     # auto: uvloop when it is installed, else asyncio's own loop (gateway/loops.py).
     event_loop: str = "auto"
+    signin_rate: Rate = Rate(30, 60.0)  # anonymous start/callback requests per client address (SPEC §16)
 
     @property
     def public_host(self) -> str:
@@ -126,6 +135,7 @@ class ProvisioningConfig:
     resync_interval: float = 15 * 60.0  # SPEC §11; 0 = off (sign-in only, no GitLab token kept)
     resync_grace: float = 3600.0
     automatic: AutomaticConfig | None = None  # SPEC §12; None = off
+    allow_any_gitlab_user: bool = False  # accept an open configuration on gitlab.com on purpose (SPEC §16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +431,17 @@ def _networks(v: Any, path: str, p: _Problems) -> tuple[IPNetwork, ...] | None:
     return tuple(out)
 
 
+_RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _rate(v: Any, path: str, p: _Problems) -> Rate | None:
+    m = re.fullmatch(r"\s*(\d{1,6})\s*/\s*([smh])\s*", v) if isinstance(v, str) else None
+    if m is None or int(m.group(1)) < 1:
+        p.add(path, 'must be a rate such as "30/m" (requests per s, m or h, at least 1)')
+        return None
+    return Rate(int(m.group(1)), _RATE_UNITS[m.group(2)])
+
+
 def _domains(v: Any, path: str, p: _Problems) -> tuple[str, ...] | None:
     items = _str_list(v, path, p)
     if items is None:
@@ -519,6 +540,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
         "trusted_proxies": _networks, "allowed_redirect_domains": _domains, "workers": _int(0, 256),
         "header_timeout": _duration, "idle_timeout": _duration, "max_connections": _int(1, 1_000_000),
         "shutdown_grace": _duration, "event_loop": _event_loop,
+        "signin_rate": _rate,
     }),
     "admin": (AdminConfig, {"listen": _listen, "tokens": _tokens, "groups": _str_list}),
     "upstream": (UpstreamConfig, {
@@ -533,7 +555,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[Any, str, _Problems], Any]]]]
     }),
     "provisioning": (ProvisioningConfig, {
         "allow_signup": _bool, "sync_groups": _bool, "allowed_groups": _group_paths,
-        "default_group": _str, "keep_manual_memberships": _bool,
+        "default_group": _str, "keep_manual_memberships": _bool, "allow_any_gitlab_user": _bool,
         "resync_interval": _duration_or_off, "resync_grace": _duration, "automatic": parse_automatic,
     }),
     "session": (SessionConfig, {
@@ -712,6 +734,13 @@ def _cross_checks(cfg: Config, data: dict[str, Any], p: _Problems) -> None:
         p.add("admin.listen", "must differ from server.listen (the admin API is never on the public listener)")
     if cfg.gitlab.ca_file and not Path(cfg.gitlab.ca_file).is_file():
         p.add("gitlab.ca_file", f"{cfg.gitlab.ca_file} is not a readable file")
+    prov = cfg.provisioning
+    if (_split_url(cfg.gitlab.url) or urlsplit("")).hostname in _GITLAB_COM and prov.allow_signup \
+            and not prov.allowed_groups and not prov.allow_any_gitlab_user \
+            and not p.reported("provisioning.allow_any_gitlab_user") and not p.reported("provisioning.allow_signup"):
+        p.add("provisioning.allowed_groups", "is empty while gitlab.url is gitlab.com and allow_signup is true: "
+              "anyone with a gitlab.com account could sign in. List your GitLab groups here, or set allow_signup: "
+              "false, or set provisioning.allow_any_gitlab_user: true if that is really what you want")
     headers = [cfg.headers.user, cfg.headers.email, cfg.headers.preferred_username, cfg.headers.groups]
     if len({h.lower() for h in headers}) != len(headers):
         p.add("headers", "the four identity header names must differ")
@@ -767,6 +796,10 @@ def _placeholder(text: str) -> str | None:
     if host and _EXAMPLE_HOST.search(host):
         return f"{host} is an example host name (RFC 2606); put your own"
     return None
+
+
+# gitlab.com is open to anyone who registers (SPEC §16); a self-managed GitLab's users are the organization's.
+_GITLAB_COM = frozenset({"gitlab.com", "www.gitlab.com"})
 
 
 def default_config_path() -> Path:

@@ -10,6 +10,7 @@ for browsers or JSON for everything else, with the class's status. Nothing else 
     ├── NotFound                      404     not_found
     ├── Conflict                      409     conflict
     ├── Unprocessable                 422     invalid
+    ├── TooManySignIns                429     rate_limited        (server.signin_rate exceeded; Retry-After)
     ├── UpstreamError                 502     bad_gateway         (the proxied tool is down)
     ├── GitLabUnavailable             502     gitlab_unavailable  (error, 5xx, timeout, partial listing)
     │   └── GitLabRateLimited         503     gitlab_rate_limited (GitLab answered 429: Retry-After is passed on)
@@ -95,6 +96,17 @@ class Conflict(GatewayError):
 class Unprocessable(GatewayError):
     status, code, title = 422, "invalid", "Invalid input"
     advice = "Correct the input and try again."
+
+
+class TooManySignIns(GatewayError):
+    """Anonymous sign-in traffic from one client address beyond `server.signin_rate` (SPEC §16)."""
+
+    status, code, title = 429, "rate_limited", "Too many sign-in attempts"
+    advice = "Wait a moment, then sign in again."
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"Too many sign-in attempts from your address: try again in {retry_after} seconds")
+        self.retry_after = retry_after
 
 
 class UpstreamError(GatewayError):

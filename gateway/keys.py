@@ -10,6 +10,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.access.headers import HeaderPolicy
+    from gateway.access.ratelimit import RateLimiter
     from gateway.access.routes import RouteTable
     from gateway.config import Config
     from gateway.identity import Anonymous, Identity
@@ -28,6 +29,7 @@ HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")
 ROUTES: web.AppKey[RouteTable] = web.AppKey("routes")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 ACCESS: web.AppKey[Access] = web.AppKey("access")  # SPEC §13: policy, upstream routing, signer
+SIGNIN_LIMITER: web.AppKey[RateLimiter] = web.AppKey("signin_limiter")
 
 REQUEST_ID = web.RequestKey("request_id", str)
 IDENTITY: web.RequestKey[Identity | Anonymous] = web.RequestKey("identity")

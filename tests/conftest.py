@@ -206,7 +206,9 @@ def make_config(*, public_port: int, admin_port: int, gitlab_url: str, upstream_
                 **sections: dict[str, Any]) -> Config:
     """A valid Config for tests; `sections` override keys per section, e.g. provisioning={"allow_signup": False}."""
     data: dict[str, Any] = {
-        "server": {"listen": f"127.0.0.1:{public_port}", "public_url": f"http://127.0.0.1:{public_port}"},
+        # Tests sign in from 127.0.0.1 far more often than people do (server.signin_rate defaults to 30/m).
+        "server": {"listen": f"127.0.0.1:{public_port}", "public_url": f"http://127.0.0.1:{public_port}",
+                   "signin_rate": "100000/m"},
         "admin": {"listen": f"127.0.0.1:{admin_port}", "tokens": [{"name": "tester", "token": ADMIN_TOKEN}]},
         "upstream": {"url": upstream_url, "timeout": "5s", "connect_timeout": "2s"},
         "gitlab": {"url": gitlab_url, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "timeout": "3s"},

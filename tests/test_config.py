@@ -21,7 +21,11 @@ TOKEN = "admin-token-0123456789"
 MINIMAL: dict[str, Any] = {
     "gitlab": {"client_id": "app-id", "client_secret": "app-secret"},
     "session": {"secrets": [KEY]},
+    # gitlab.url defaults to gitlab.com: without this, every test here would be an open configuration (SPEC §16).
+    "provisioning": {"allow_any_gitlab_user": True},
 }
+OPEN_OK: dict[str, Any] = {"provisioning": MINIMAL["provisioning"]}
+OPEN_GITLAB_COM = "provisioning.allowed_groups: is empty while gitlab.url is gitlab.com and allow_signup is true"
 EXAMPLE_ENV = {"GATEWAY_ADMIN_TOKEN": TOKEN, "GITLAB_CLIENT_SECRET": "from-env-secret",
                "GATEWAY_SESSION_SECRET": KEY}
 
@@ -72,11 +76,12 @@ def test_defaults_match_the_spec():
 
 
 def test_an_empty_file_names_the_three_required_settings():
-    assert problems(data={}) == [
+    assert [p for p in problems(data={}) if not p.startswith(OPEN_GITLAB_COM)] == [
         "gitlab.client_id: is required (the Application ID of your GitLab OAuth application)",
         "gitlab.client_secret: is required (or gitlab.client_secret_file, or $GITLAB_CLIENT_SECRET)",
         "session.secrets: needs at least one Fernet key (or session.secrets_file, or $GATEWAY_SESSION_SECRET)",
     ]
+    assert any(p.startswith(OPEN_GITLAB_COM) for p in problems(data={"provisioning": {}}))
 
 
 def test_every_key_can_be_set():
@@ -138,6 +143,11 @@ BAD_VALUES = [
     ("server", "max_connections", 0, "server.max_connections: must be an integer from 1 to 1000000"),
     ("server", "shutdown_grace", "-1s", "server.shutdown_grace: must be a positive duration"),
     ("server", "event_loop", "trio", "server.event_loop: must be one of auto, asyncio, uvloop"),
+    ("server", "signin_rate", "30", 'server.signin_rate: must be a rate such as "30/m"'),
+    ("server", "signin_rate", "0/m", 'server.signin_rate: must be a rate such as "30/m"'),
+    ("server", "signin_rate", "30/day", 'server.signin_rate: must be a rate such as "30/m"'),
+    ("server", "signin_rate", 30, 'server.signin_rate: must be a rate such as "30/m"'),
+    ("server", "allowed_redirect_domains", ["example.com:x"], "server.allowed_redirect_domains[0]:"),
     ("admin", "listen", "localhost", 'admin.listen: must be "host:port"'),
     ("admin", "tokens", "just-one-string-token", "admin.tokens: must be a list of tokens"),
     ("admin", "tokens", ["short"], "admin.tokens[0]: must be a string of at least 16 characters"),
@@ -166,6 +176,7 @@ BAD_VALUES = [
     ("provisioning", "resync_grace", "0", "provisioning.resync_grace: must be a positive duration"),
     ("gitlab", "webhook_secret", "short", "gitlab.webhook_secret: must be a string of at least 16"),
     ("provisioning", "automatic", "on", "provisioning.automatic: must be a mapping"),
+    ("provisioning", "allow_any_gitlab_user", "yes", "provisioning.allow_any_gitlab_user: must be true or false"),
     ("session", "secrets", ["not-a-fernet-key"], "session.secrets[0]: must be a Fernet key"),
     ("session", "secrets", KEY, "session.secrets: must be a list of strings"),
     ("session", "cookie_name", "my cookie", "session.cookie_name: must be a cookie name"),
@@ -294,7 +305,7 @@ def test_admin_token_problems():
 
 def test_env_references_are_replaced_anywhere_in_strings():
     env = {"HOST": "tool.example.com", "SECRET": "s3cret", "KEY": KEY, "TOKEN": TOKEN, "PORT": "9443"}
-    cfg = build_config({
+    cfg = build_config({**OPEN_OK,
         "server": {"public_url": "https://${HOST}", "listen": "0.0.0.0:${PORT}"},
         "admin": {"tokens": ["${TOKEN}", {"name": "ci", "token": "${TOKEN}-ci"}]},
         "gitlab": {"client_id": "id-${HOST}-${PORT}", "client_secret": "${SECRET}"},
@@ -307,7 +318,8 @@ def test_env_references_are_replaced_anywhere_in_strings():
 
 
 def test_unset_variables_are_errors_naming_them():
-    found = problems(data={"gitlab": {"client_id": "${APP_ID}-${APP_SUFFIX}", "client_secret": "${GL_SECRET}"},
+    found = problems(data={**OPEN_OK,
+                           "gitlab": {"client_id": "${APP_ID}-${APP_SUFFIX}", "client_secret": "${GL_SECRET}"},
                            "session": {"secrets": ["${SESSION_KEY_VAR}"]},
                            "admin": {"tokens": ["${ADMIN_TOKEN_VAR}"]}}, env={"APP_ID": "x"})
     assert "gitlab.client_id: environment variable APP_SUFFIX is not set" in found
@@ -319,7 +331,7 @@ def test_unset_variables_are_errors_naming_them():
 
 def test_env_defaults_to_the_process_environment(monkeypatch):
     monkeypatch.setenv("GW_TEST_CLIENT_SECRET", "from-process-env")
-    cfg = build_config({"gitlab": {"client_id": "a", "client_secret": "${GW_TEST_CLIENT_SECRET}"},
+    cfg = build_config({**OPEN_OK, "gitlab": {"client_id": "a", "client_secret": "${GW_TEST_CLIENT_SECRET}"},
                         "session": {"secrets": [KEY]}})
     assert cfg.gitlab.client_secret == "from-process-env"
 
@@ -335,7 +347,7 @@ def test_secret_files(tmp_path):
     (tmp_path / "keys").write_text(f"{KEY2}\n\n{KEY}\n")
     (tmp_path / "tokens").write_text(f"{TOKEN}\n{TOKEN}-two\n")
     (tmp_path / "dsn").write_text("postgresql://gw:pw@db:5432/gw\n")
-    cfg = build_config({
+    cfg = build_config({**OPEN_OK,
         "gitlab": {"client_id": "a", "client_secret_file": str(tmp_path / "client_secret")},
         "session": {"secrets_file": str(tmp_path / "keys")},
         "admin": {"tokens_file": str(tmp_path / "tokens")},
@@ -349,14 +361,14 @@ def test_secret_files(tmp_path):
 
 def test_secret_file_paths_take_env_references(tmp_path):
     (tmp_path / "s").write_text("file-secret")
-    cfg = build_config({"gitlab": {"client_id": "a", "client_secret_file": "${SECRETS}/s"},
+    cfg = build_config({**OPEN_OK, "gitlab": {"client_id": "a", "client_secret_file": "${SECRETS}/s"},
                         "session": {"secrets": [KEY]}}, env={"SECRETS": str(tmp_path)})
     assert cfg.gitlab.client_secret == "file-secret"
 
 
 def test_secret_file_problems(tmp_path):
     (tmp_path / "bad_keys").write_text("not-a-key\n")
-    found = problems(data={
+    found = problems(data={**OPEN_OK,
         "gitlab": {"client_id": "a", "client_secret": "x", "client_secret_file": str(tmp_path / "s")},
         "session": {"secrets_file": str(tmp_path / "bad_keys")},
         "admin": {"tokens_file": str(tmp_path / "missing")},
@@ -448,7 +460,7 @@ def test_load_config_file_problems(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError) as info:
         load_config(empty, env={})
-    assert len(info.value.problems) == 3  # the three required settings
+    assert len(info.value.problems) == 4  # the three required settings, and the open gitlab.com configuration
 
 
 def test_load_config_reads_gateway_config_env(tmp_path, monkeypatch):
@@ -469,7 +481,7 @@ def test_no_session_key_from_any_source_is_an_error(secrets, tmp_path):
     if "secrets_file" in secrets:
         (tmp_path / "keys").write_text("\n  \n")
         secrets = {"secrets_file": str(tmp_path / "keys")}
-    found = problems(data={"gitlab": MINIMAL["gitlab"], "session": secrets})
+    found = problems(data={**OPEN_OK, "gitlab": MINIMAL["gitlab"], "session": secrets})
     assert found == ["session.secrets: needs at least one Fernet key (or session.secrets_file, or "
                      "$GATEWAY_SESSION_SECRET)"]
 
@@ -492,7 +504,7 @@ def test_listen_forms():
 
 
 def test_secrets_default_to_the_environment_variables_of_the_spec():
-    cfg = build_config({"gitlab": {"client_id": "app"}}, env=EXAMPLE_ENV)
+    cfg = build_config({**OPEN_OK, "gitlab": {"client_id": "app"}}, env=EXAMPLE_ENV)
     assert cfg.gitlab.client_secret == "from-env-secret"
     assert cfg.session.secrets == (KEY,)
     assert [(t.name, t.token) for t in cfg.admin.tokens] == [("admin-1", TOKEN)]

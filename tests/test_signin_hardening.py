@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from conftest import Gateway, audit_actions, echoed_headers
 
+from gateway.access.ratelimit import RateLimiter
 from gateway.web.login import MAX_STATE_COOKIES
 
 
@@ -117,7 +119,7 @@ async def test_control_characters_in_the_gitlab_profile_refuse_the_sign_in(
         assert 'id="retry"' in body
         assert (await b.get("/oauth2/userinfo")).status == 401
     assert await db.fetchval("SELECT count(*) FROM users") == 0
-    ((action, subject, details),) = [a for a in await audit_actions(db) if a[0] == "sign_in.refused"]
+    ((_action, subject, details),) = [a for a in await audit_actions(db) if a[0] == "sign_in.refused"]
     assert details["reason"] == "invalid_profile" and details["field"] == field and details["gitlab_id"] == 66
     assert "\n" not in subject and "\x00" not in subject
 
@@ -133,3 +135,66 @@ async def test_non_ascii_profiles_pass_as_utf8(gateway_factory: Any, upstream: s
         assert r.status == 200
         echoed = echoed_headers(await r.json())
         assert echoed["x-forwarded-email"] == ["zoë@exämple.com"]
+
+
+# ---- rate limit of anonymous sign-in traffic ----------------------------------------------------------------
+
+async def test_anonymous_sign_in_traffic_is_rate_limited_per_client(gateway_factory: Any) -> None:
+    gw: Gateway = await gateway_factory(server={"signin_rate": "3/m"})
+    async with aiohttp.ClientSession(headers={"Accept": "text/html"}) as http:
+        for _ in range(3):
+            r = await http.get(f"{gw.public_url}/oauth2/start", allow_redirects=False)
+            assert r.status == 302
+        r = await http.get(f"{gw.public_url}/oauth2/callback?code=x&state=y", allow_redirects=False)
+        assert r.status == 429 and r.headers["Cache-Control"] == "no-store"
+        assert 1 <= int(r.headers["Retry-After"]) <= 20
+        assert "Too many sign-in attempts" in await r.text()
+        # An untrusted peer cannot buy a fresh bucket with a forged X-Forwarded-For.
+        r = await http.get(f"{gw.public_url}/oauth2/start", headers={"X-Forwarded-For": "198.51.100.7"},
+                           allow_redirects=False)
+        assert r.status == 429
+        # Everything else (the proxy, userinfo, sign-out) is not limited.
+        assert (await http.get(f"{gw.public_url}/oauth2/userinfo")).status == 401
+        assert (await http.get(f"{gw.public_url}/oauth2/sign_out", allow_redirects=False)).status == 302
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_bucket(gateway_factory: Any) -> None:
+    gw: Gateway = await gateway_factory(server={"signin_rate": "2/m", "trusted_proxies": ["127.0.0.1/32"]})
+    async with aiohttp.ClientSession() as http:
+        for client in ("198.51.100.7", "198.51.100.8"):
+            for _ in range(2):
+                r = await http.get(f"{gw.public_url}/oauth2/start", headers={"X-Forwarded-For": client},
+                                   allow_redirects=False)
+                assert r.status == 302, client
+        r = await http.get(f"{gw.public_url}/oauth2/start", headers={"X-Forwarded-For": "198.51.100.7"},
+                           allow_redirects=False)
+        assert r.status == 429
+
+
+async def test_callbacks_without_a_valid_state_cookie_never_reach_gitlab(gateway_factory: Any) -> None:
+    gw: Gateway = await gateway_factory()
+    gw.fake.add_user(10, "alice")
+    async with gw.browser() as b:
+        r = await b.get("/oauth2/start")
+        state = parse_qs(urlsplit(r.headers["Location"]).query)["state"][0]
+        for query in ("code=x&state=" + state[:12] + "X" * 31, "code=x&state=junk", "code=x", "state=" + state):
+            r = await b.get(f"/oauth2/callback?{query}")
+            assert r.status == 400, query
+    async with aiohttp.ClientSession() as other:  # the right state, in another browser
+        r = await other.get(f"{gw.public_url}/oauth2/callback?code=x&state={state}", allow_redirects=False)
+        assert r.status == 400
+    assert [path for method, path in gw.fake.requests if path.startswith("/oauth/token")] == []
+
+
+def test_rate_limiter_refills_and_keeps_bounded_memory() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, 60.0, max_clients=100, clock=lambda: now[0])
+    assert [limiter.check("192.0.2.1") for _ in range(3)] == [0, 0, 30]
+    now[0] += 30
+    assert limiter.check("192.0.2.1") == 0 and limiter.check("192.0.2.1") == 30
+    # Rotating addresses inside one IPv6 /64 shares one bucket; IPv4-mapped addresses count as IPv4.
+    assert [limiter.check(f"2001:db8::{i:x}") for i in range(3)] == [0, 0, 30]
+    assert limiter.check("::ffff:192.0.2.1") == 30
+    for i in range(10_000):
+        limiter.check(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+    assert len(limiter) == 100

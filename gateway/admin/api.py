@@ -141,9 +141,9 @@ async def list_groups(request: web.Request) -> web.Response:
 
 
 async def create_group(request: web.Request) -> web.Response:
-    body = await _body(request, {"name": str}, {"description": str})
+    body = await _body(request, {"name": str}, {"description": str, "gitlab_group_id": int})
     group = await groups.create_group(request.app[keys.POOL], body["name"], body.get("description") or "",
-                                      actor=request[ADMIN_ACTOR])
+                                      actor=request[ADMIN_ACTOR], gitlab_group_id=body.get("gitlab_group_id"))
     return _json(shapes.group(group), 201, location=f"{API}/groups/{group.id}")
 
 

@@ -141,7 +141,8 @@ async def groups_list(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
 
 
 async def groups_create(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
-    group = await groups.create_group(pool, args.name, args.description, actor=actor())
+    group = await groups.create_group(pool, args.name, args.description, actor=actor(),
+                                      gitlab_group_id=args.gitlab_group_id)
     _report(args, shapes.group(group), f"created group {group.name} (id {group.id})")
 
 
@@ -314,6 +315,8 @@ def add_commands(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p = leaf(g, "create", groups_create, "create a local group (a GitLab full path, or a local-only name)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--description", default="", help="what the group is for")
+    p.add_argument("--gitlab-group-id", type=int, default=None,
+                   help="bind to this GitLab group id now (only that group, whatever its path, then matches)")
     p = leaf(g, "delete", groups_delete, "delete a group and its memberships")
     p.add_argument("group", metavar="NAME_OR_ID")
     p = leaf(g, "members", groups_members, "list the members of a group")

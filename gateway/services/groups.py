@@ -141,16 +141,22 @@ async def find_group(pool: asyncpg.Pool, name_or_id: str) -> Group:
     return group
 
 
-async def create_group(pool: asyncpg.Pool, name: str, description: str = "", *, actor: str) -> Group:
-    """A new local group (201); Conflict when the name is taken."""
+async def create_group(pool: asyncpg.Pool, name: str, description: str = "", *, actor: str,
+                       gitlab_group_id: int | None = None) -> Group:
+    """A new local group (201), bound to `gitlab_group_id` when given (SPEC §16: then only that GitLab group,
+    whatever its path, ever matches it); Conflict when the name or the GitLab group is taken."""
     check_name(name)
     check_description(description)
+    if gitlab_group_id is not None and not 0 < gitlab_group_id < 2**63:
+        raise Unprocessable("gitlab_group_id must be a positive integer (the numeric id of the GitLab group)")
     try:
         async with transaction(pool) as conn:
-            group = await db_groups.insert(conn, name, description)
+            group = await db_groups.insert(conn, name, description, gitlab_group_id)
             await db_audit.record(conn, actor, "group.created", group.name, group=group.name, group_id=group.id,
-                                  description=description)
-    except asyncpg.UniqueViolationError:
+                                  description=description, gitlab_group_id=gitlab_group_id)
+    except asyncpg.UniqueViolationError as exc:
+        if getattr(exc, "constraint_name", "") and "gitlab_group_id" in str(exc.constraint_name):
+            raise Conflict(f"GitLab group {gitlab_group_id} is already bound to another local group") from None
         raise Conflict(f"A group named {name} already exists") from None
     return group
 

@@ -302,6 +302,10 @@ async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
                 groups: tuple[GitLabGroup, ...], default_id: int, *, bind_groups: bool, actor: str = ACTOR
                 ) -> tuple[list[str], list[str], list[str]]:
     """Rules 6 and 7: make the user's memberships match their GitLab groups that exist locally."""
+    if cfg.allowed_groups:
+        # SPEC §16: only groups inside the allowed subtrees are matched and bound. Elsewhere on gitlab.com a
+        # stranger may own a top-level group named like a local group ("ops") and would be synced into it.
+        groups = tuple(g for g in groups if in_allowed_groups((g,), cfg.allowed_groups))
     by_path = {g.full_path: g for g in groups}
     target: dict[int, str] = {}
     if bind_groups:

@@ -30,6 +30,7 @@ from gateway.errors import (
     GitLabUnavailable,
     InvalidState,
     SignInRefused,
+    TooManySignIns,
 )
 from gateway.sessions.store import SessionStore
 from gateway.sync import provisioning, resync
@@ -81,6 +82,19 @@ def _safe_rd(request: web.Request) -> str:
                          allowed_domains=cfg.redirect_domains)  # with every upstream host (SPEC §13)
 
 
+def _limit_anonymous(request: web.Request, store: SessionStore) -> None:
+    """SPEC §16: anonymous start/callback traffic per client address is limited to server.signin_rate (the
+    address from X-Forwarded-For only when the peer is a trusted proxy). Signed-in browsers are not counted."""
+    if store.request_ref(request) is not None:
+        return
+    client, _scheme, _host = request.app[keys.HEADER_POLICY].effective_client(
+        request.remote or "", request.headers, scheme=request.scheme)
+    wait = request.app[keys.SIGNIN_LIMITER].check(client)
+    if wait:
+        log.warning("sign-in rate limit reached", extra={"client": client, "path": request.path})
+        raise TooManySignIns(wait)
+
+
 def start_url(prefix: str, rd: str, *, again: str | None = None) -> str:
     """The sign-in link; `again` names the refusal a "Try again" follows, so a repeat can say so (SPEC §16)."""
     return f"{prefix}/start?rd={quote(rd, safe='')}" + (f"&again={again}" if again else "")
@@ -90,6 +104,7 @@ async def start(request: web.Request) -> web.Response:
     """Begin sign-in: remember state + PKCE verifier in a cookie bound to this browser, go to GitLab."""
     cfg = request.app[keys.CONFIG]
     store = request.app[keys.SESSIONS]
+    _limit_anonymous(request, store)
     rd = _safe_rd(request)
     state = random_token()
     verifier, challenge = pkce_pair()
@@ -159,7 +174,9 @@ async def callback(request: web.Request) -> web.Response:
     prefix = cfg.server.prefix
     gitlab = request.app[keys.GITLAB]
     rd, again = "/", None
+    _limit_anonymous(request, store)
     try:
+        # Before anything is sent to GitLab: a callback without this browser's valid state never costs a call.
         data = _open_state(request, store)
         rd, again = str(data.get("rd") or "/"), data.get("again")
         retry = start_url(prefix, rd)
