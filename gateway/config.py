@@ -737,7 +737,8 @@ def _cross_checks(cfg: Config, data: dict[str, Any], p: _Problems) -> None:
     prov = cfg.provisioning
     if (_split_url(cfg.gitlab.url) or urlsplit("")).hostname in _GITLAB_COM and prov.allow_signup \
             and not prov.allowed_groups and not prov.allow_any_gitlab_user \
-            and not p.reported("provisioning.allow_any_gitlab_user") and not p.reported("provisioning.allow_signup"):
+            and not any(p.reported(k) for k in ("gitlab.url", "provisioning.allow_any_gitlab_user",
+                                                "provisioning.allow_signup", "provisioning.allowed_groups")):
         p.add("provisioning.allowed_groups", "is empty while gitlab.url is gitlab.com and allow_signup is true: "
               "anyone with a gitlab.com account could sign in. List your GitLab groups here, or set allow_signup: "
               "false, or set provisioning.allow_any_gitlab_user: true if that is really what you want")

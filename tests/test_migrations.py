@@ -159,7 +159,7 @@ async def test_concurrent_migrate_commands_both_succeed(empty_dsn, tmp_path):
 
     config = tmp_path / "gateway.yaml"
     config.write_text(
-        "gitlab: {client_id: a, client_secret: b}\n"
+        "gitlab: {client_id: a, client_secret: b}\nprovisioning: {allowed_groups: [acme]}\n"
         f"session: {{secrets: ['{Fernet.generate_key().decode()}']}}\n"
         f"database: {{dsn: '{empty_dsn}'}}\n")
     procs = [await asyncio.create_subprocess_exec(

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 from aiohttp import web
@@ -108,7 +108,9 @@ def demo_config(*, port: int, admin_port: int, gitlab_url: str, client_secret: s
                 state_dir: Path, keys: DemoSecrets) -> Config:
     """The gateway configuration the demo runs with."""
     return build_config({
-        "server": {"listen": f"{HOST}:{port}", "public_url": f"http://{HOST}:{port}"},
+        # Signing out goes on to the stand-in's sign-out page: same host, another port, so it is listed (SPEC §16).
+        "server": {"listen": f"{HOST}:{port}", "public_url": f"http://{HOST}:{port}",
+                   "allowed_redirect_domains": [urlsplit(gitlab_url).netloc]},
         "admin": {"listen": f"{HOST}:{admin_port}", "tokens": [{"name": "demo", "token": keys.admin_token}]},
         "upstream": {"url": upstream_url, "timeout": "30s"},
         "gitlab": {"url": gitlab_url, "client_id": CLIENT_ID, "client_secret": client_secret, "timeout": "5s"},
