@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 from test_admin_api import call
 from test_admin_cli import Cli
+from test_admin_cli import _run as run_cli
 from yarl import URL
 
-from gateway import cli
 from gateway.config import build_config
 from gateway.server import prepare_database
 
@@ -57,23 +57,13 @@ async def test_existing_bad_group_names_are_reported_at_start_up(dsn: str, db: a
     assert "','" in getattr(warnings[0], "problem", "")
 
 
-async def test_check_config_reports_existing_bad_group_names(write_config: Any, db: asyncpg.Pool,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:
+async def test_check_config_reports_existing_bad_group_names(write_config: Any, db: asyncpg.Pool) -> None:
     await db.execute("INSERT INTO groups (name, description) VALUES ('Release managers, QA', '')")
     import asyncio
 
-    code = await asyncio.to_thread(_main, ["check-config", "-c", str(write_config())])
-    out, err = capsys.readouterr()
+    code, out, err = await asyncio.to_thread(run_cli, ["check-config", "-c", str(write_config())])
     assert code == 0 and "ok" in out
     assert "warning: group 'Release managers, QA'" in err and "','" in err
-
-
-def _main(argv: list[str]) -> int:
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _key() -> str:

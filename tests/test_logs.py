@@ -19,17 +19,15 @@ from gateway import logs
 
 @contextlib.contextmanager
 def log_capture(fmt: str) -> Iterator[io.StringIO]:
-    """Every log line as `gateway run` writes it (logs.setup) in `fmt`, into a buffer."""
+    """Every log record (pytest keeps the root logger at DEBUG) formatted by our `fmt` formatter, into a buffer."""
     buffer = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in logs.QUIET}
-    logs.setup("info", fmt, stream=buffer)
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logs.JsonFormatter() if fmt == "json" else logs.TextFormatter())
+    logging.getLogger().addHandler(handler)
     try:
         yield buffer
     finally:
-        root.handlers[:], root.level = saved[0], saved[1]
-        for name, old in saved[2].items():
-            logging.getLogger(name).setLevel(old)
+        logging.getLogger().removeHandler(handler)
 
 
 async def test_text_log_lines_cannot_be_forged_from_a_path(gateway_factory: Any) -> None:

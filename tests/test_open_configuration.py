@@ -12,8 +12,8 @@ import pytest
 from cryptography.fernet import Fernet
 from test_admin_api import call
 from test_admin_cli import Cli
+from test_admin_cli import _run as run_cli
 
-from gateway import cli
 from gateway.config import ConfigError, build_config
 
 BASE: dict[str, Any] = {
@@ -49,24 +49,14 @@ def test_closed_or_explicitly_open_configurations_are_accepted(sections: dict[st
     build(**sections)
 
 
-async def test_check_config_and_run_exit_2_on_an_open_configuration(tmp_path: Any,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+async def test_check_config_and_run_exit_2_on_an_open_configuration(tmp_path: Any) -> None:
     import yaml
 
     path = tmp_path / "open.yaml"
     path.write_text(yaml.safe_dump(BASE))
     for command in ("check-config", "run"):
-        code = await asyncio.to_thread(_main, [command, "-c", str(path)])
-        _out, err = capsys.readouterr()
+        code, _out, err = await asyncio.to_thread(run_cli, [command, "-c", str(path)])
         assert code == 2 and OPEN in err, (command, err)
-
-
-def _main(argv: list[str]) -> int:
-    try:
-        cli.main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 # ---- sync and binding inside the allowed subtrees -------------------------------------------------------------
