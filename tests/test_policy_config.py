@@ -15,7 +15,9 @@ from gateway.config import Config, ConfigError, build_config, placeholder_warnin
 
 KEY = Fernet.generate_key().decode()
 BASE: dict[str, Any] = {"gitlab": {"client_id": "app-id", "client_secret": "app-secret"},
-                        "session": {"secrets": [KEY]}}
+                        "session": {"secrets": [KEY]},
+                        # gitlab.url defaults to gitlab.com: not an open configuration on purpose (SPEC §16)
+                        "provisioning": {"allow_any_gitlab_user": True}}
 ED_PEM = ed25519.Ed25519PrivateKey.generate().private_bytes(
     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
 
