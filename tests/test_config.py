@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.fernet import Fernet
 
 from gateway.config import AdminToken, Config, ConfigError, Listen, build_config, load_config
@@ -512,3 +514,45 @@ def test_secrets_default_to_the_environment_variables_of_the_spec():
     cfg = build_config({**MINIMAL, "admin": {"tokens": []}}, env=EXAMPLE_ENV)
     assert cfg.gitlab.client_secret == "app-secret" and cfg.admin.tokens == ()
     assert build_config(MINIMAL, env={}).admin.tokens == ()
+
+
+# ---- property (hypothesis) ------------------------------------------------------------------------------------
+
+_SECTION_KEYS = {name: sorted(getattr(Config(), name).__dataclass_fields__)
+                 for name in Config.__dataclass_fields__ if name not in ("upstreams", "policy")}
+_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=20), st.sampled_from(["30s", "30/m", "0.0.0.0:1", "https://gitlab.com",
+                                                           "${UNSET_GW_VAR}", "[", "acme/", "none", "*"]))
+_VALUES = st.recursive(_LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                       max_leaves=6)
+
+
+@st.composite
+def _config_trees(draw: Any) -> Any:
+    tree: dict[Any, Any] = copy.deepcopy(MINIMAL)
+    for section in draw(st.lists(st.sampled_from([*_SECTION_KEYS, "upstreams", "policy", "sever"]), max_size=3)):
+        keys = _SECTION_KEYS.get(section, ["match", "url", "x"])
+        if draw(st.booleans()):
+            tree[section] = draw(_VALUES)
+        else:
+            body = tree.setdefault(section, {}) if isinstance(tree.get(section), dict) else {}
+            for key in draw(st.lists(st.sampled_from(keys), max_size=3)):
+                body[key] = draw(_VALUES)
+            tree[section] = body
+    return tree
+
+
+@settings(max_examples=200, deadline=None)
+@given(tree=_config_trees())
+def test_every_invalid_value_is_reported_with_its_key_path_never_an_exception(tree: Any) -> None:
+    """Property: whatever YAML tree is loaded, build_config either returns a Config or raises ConfigError whose
+    every problem starts with the key path it is about (a known section, or "(top level)"), never another
+    exception (SPEC §3)."""
+    try:
+        build_config(tree, env={})
+    except ConfigError as err:
+        assert err.problems
+        for problem in err.problems:
+            path = problem.split(": ", 1)[0]
+            assert path == "(top level)" or path.split(".")[0].split("[")[0] in tree, problem
