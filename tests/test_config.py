@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cryptography.fernet import Fernet
 
 from gateway.config import AdminToken, Config, ConfigError, Listen, build_config, load_config
 
