@@ -73,6 +73,11 @@ async def test_cross_site_get_does_not_sign_out_but_offers_a_button(gateway_fact
             assert '<form method="post" action="/oauth2/sign_out?rd=%2Fbye">' in body
             assert not any(c.startswith("_gateway=") for c in r.headers.getall("Set-Cookie", []))
             assert (await b.get("/oauth2/userinfo")).status == 200
+        # An auto-submitting form on another site: the same page, no sign-out.
+        r = await b.http.post(f"{gw.public_url}/oauth2/sign_out", allow_redirects=False,
+                              headers={"Sec-Fetch-Site": "cross-site"})
+        assert r.status == 200 and '<form method="post"' in await r.text()
+        assert not any(c.startswith("_gateway=") for c in r.headers.getall("Set-Cookie", []))
         assert await db.fetchval("SELECT revoked_at IS NULL FROM sessions")
         # The button: a POST (what the page's form sends) signs out.
         r = await b.http.post(f"{gw.public_url}/oauth2/sign_out?rd=%2Fbye", allow_redirects=False,

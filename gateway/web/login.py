@@ -283,12 +283,15 @@ async def sign_out(request: web.Request) -> web.Response:
     """Revoke the server-side session, clear the cookie, go to the validated `rd`.
 
     A cross-site GET (an image or link on another site) does not sign out (SPEC §16): it gets a page whose
-    button POSTs the sign-out, so no other site can end the user's session behind their back.
+    button POSTs the sign-out, so no other site can end the user's session behind their back. A POST from
+    another site (an auto-submitting form) gets the same page: it carries no SameSite=Lax session cookie, yet
+    its answer could still clear the cookie.
     """
     cfg = request.app[keys.CONFIG]
     store = request.app[keys.SESSIONS]
     rd = _safe_rd(request)
-    if request.method != "POST" and request.headers.get("Sec-Fetch-Site", "").lower() not in _OWN_NAVIGATION:
+    fetch_site = request.headers.get("Sec-Fetch-Site", "").lower()
+    if fetch_site == "cross-site" or (request.method != "POST" and fetch_site not in _OWN_NAVIGATION):
         return sign_out_page(f"{cfg.server.prefix}/sign_out?rd={quote(rd, safe='')}")
     ref = store.request_ref(request)
     if ref is not None:
