@@ -110,7 +110,8 @@ def test_placeholder_secrets_are_named_never_echoed() -> None:
     cfg = build_config({"gitlab": {"client_id": "x", "client_secret": "REPLACE-with-the-secret"},
                         "session": {"secrets": [SESSION_KEY]},
                         "admin": {"tokens": ["REPLACE-with-a-long-admin-token"]},
-                        "database": {"dsn": "postgresql://gw:REPLACE-password@db.internal/gw"}}, env={})
+                        "database": {"dsn": "postgresql://gw:REPLACE-password@db.internal/gw"},
+                        "provisioning": {"allowed_groups": ["acme"]}}, env={})
     warnings = placeholder_warnings(cfg)
     assert [w.split(":")[0] for w in warnings] == ["admin.tokens", "gitlab.client_secret", "database.dsn"]
     assert "REPLACE" not in "\n".join(warnings)

@@ -265,7 +265,7 @@ class SessionStore:
         kind, _, key = payload.partition(":")
         if kind == "session":
             self.invalidate_session(key)
-        elif kind == "user" and key.isdigit():
+        elif kind == "user" and key.isascii() and key.isdigit():
             self.invalidate_user(int(key))
         elif kind == "token" and key.isdigit():
             if self.tokens is not None:
