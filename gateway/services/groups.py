@@ -132,12 +132,13 @@ async def get_group(pool: asyncpg.Pool, group_id: int) -> Group:
 
 async def find_group(pool: asyncpg.Pool, name_or_id: str) -> Group:
     """For the CLI: a group by exact name, else by numeric id (a group may well be named "42")."""
+    is_id = name_or_id.isascii() and name_or_id.isdigit()  # isdigit() alone accepts "²", which int() refuses
     async with transaction(pool) as conn:
         group = await db_groups.by_name(conn, name_or_id)
-        if group is None and name_or_id.isascii() and name_or_id.isdigit() and len(name_or_id) < 19:
+        if group is None and is_id and len(name_or_id) < 19:
             group = await db_groups.by_id(conn, int(name_or_id))
     if group is None:
-        raise NotFound(f"No group named {name_or_id}" + (" or with that id" if name_or_id.isascii() and name_or_id.isdigit() else ""))
+        raise NotFound(f"No group named {name_or_id}" + (" or with that id" if is_id else ""))
     return group
 
 
