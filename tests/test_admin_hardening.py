@@ -120,3 +120,14 @@ async def test_audit_since_at_the_edges_of_the_calendar_still_works(gateway_fact
     async with gw.admin() as api:
         page = await call(api, "GET", URL("/api/v1/audit?since=0001-01-01T00:00:00-14:00", encoded=True), 200)
         assert page["next"] is None
+
+
+async def test_a_description_with_a_nul_byte_is_422_from_every_caller(db: asyncpg.Pool) -> None:
+    """The service refuses it too, so the pages' form (which bypasses the API's body check) cannot 500."""
+    from gateway.errors import Unprocessable
+    from gateway.services import groups
+
+    for bad in ("a\x00b", "a\ud800b"):
+        with pytest.raises(Unprocessable):
+            await groups.create_group(db, "ops", bad, actor="test")
+    assert await db.fetchval("SELECT count(*) FROM groups WHERE name = 'ops'") == 0

@@ -244,7 +244,7 @@ async def group_create(request: web.Request) -> web.StreamResponse:
     extra: dict[str, Any] = {}
     raw_id = fields.get("gitlab_group_id", "").strip()
     if raw_id:
-        if not CAN_BIND or not raw_id.isdigit() or len(raw_id) > MAX_ID_DIGITS:
+        if not CAN_BIND or not raw_id.isascii() or not raw_id.isdigit() or len(raw_id) > MAX_ID_DIGITS:
             raise Unprocessable("The GitLab group id must be the numeric id GitLab shows on the group's page")
         extra["gitlab_group_id"] = int(raw_id)
     group = await groups.create_group(request.app[keys.POOL], fields.get("name", ""),

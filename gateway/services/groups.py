@@ -90,6 +90,8 @@ def check_name(name: str) -> str:
 
 
 def check_description(description: str) -> str:
+    if re.search(r"[\x00\ud800-\udfff]", description):  # PostgreSQL text cannot store them (SPEC §16)
+        raise Unprocessable("A group description must not contain NUL bytes or invalid Unicode")
     if len(description) > MAX_DESCRIPTION:
         raise Unprocessable(f"A group description must be at most {MAX_DESCRIPTION} characters long")
     return description
