@@ -10,12 +10,14 @@ import pytest
 
 from gateway.config import ConfigError, build_config
 
+# gitlab.url defaults to gitlab.com: these are not open configurations on purpose (SPEC §16).
+OPEN_OK: dict[str, Any] = {"allow_any_gitlab_user": True}
 BASE: dict[str, Any] = {"gitlab": {"client_id": "a", "client_secret": "b"},
-                        "session": {"secrets": ["A" * 43 + "="]}}
+                        "session": {"secrets": ["A" * 43 + "="]}, "provisioning": OPEN_OK}
 
 
 def load(automatic: Any, **provisioning: Any) -> Any:
-    return build_config({**BASE, "provisioning": {"automatic": automatic, **provisioning}}, env={})
+    return build_config({**BASE, "provisioning": {**OPEN_OK, "automatic": automatic, **provisioning}}, env={})
 
 
 def problems(automatic: Any, **provisioning: Any) -> list[str]:
