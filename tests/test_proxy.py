@@ -370,6 +370,12 @@ async def _fixed(request: web.Request) -> web.Response:
     return web.Response(body=b"z" * int(request.query["n"]))
 
 
+async def _hop_by_hop(request: web.Request) -> web.Response:
+    # Connection names a header meant for the next hop only (us): it must stop here, like Keep-Alive.
+    return web.Response(text="ok", headers={"Connection": "X-Private-Hop", "X-Private-Hop": "for the proxy",
+                                            "Keep-Alive": "timeout=5", "X-Kept": "yes"})
+
+
 def special_upstream() -> web.Application:
     app = web.Application()
     app.router.add_get("/fixed", _fixed)
@@ -377,6 +383,7 @@ def special_upstream() -> web.Application:
     app.router.add_get("/gzip", _gzipped)
     app.router.add_get("/big", _big)
     app.router.add_get("/truncated", _truncated)
+    app.router.add_get("/hop", _hop_by_hop)
     return app
 
 
@@ -390,6 +397,16 @@ async def test_upstream_redirect_and_set_cookie_pass_unchanged(gateway_factory, 
         assert r.headers.getall("Set-Cookie") == ["app_session=abc; Path=/; HttpOnly; SameSite=Strict",
                                                   "prefs=1; Max-Age=60"]
         assert "Cache-Control" not in r.headers
+
+
+async def test_hop_by_hop_response_headers_stop_at_the_gateway(gateway_factory, serve_app):
+    gw = await gateway_factory(upstream={"url": await serve_app(special_upstream())})
+    cookie = await sign_in(gw)
+    async with client() as http, http.get(raw(gw, "/hop"), headers={"Cookie": f"{COOKIE}={cookie}"}) as r:
+        assert r.status == 200 and await r.text() == "ok"
+        assert r.headers["X-Kept"] == "yes"
+        assert "X-Private-Hop" not in r.headers and "Keep-Alive" not in r.headers
+        assert "X-Private-Hop" not in r.headers.get("Connection", "")
 
 
 async def test_content_encoding_passes_through_raw(gateway_factory, serve_app):
