@@ -16,7 +16,7 @@ out) and every survivor with its description and, where the mutants file has one
 (`survives = "..."`: equivalent, or not observable from outside). Tools like mutmut or cosmic-ray generate
 thousands of mechanical mutants per module; with a real PostgreSQL and real servers behind each test file that
 is days of runs, and most of those mutants are not bugs anyone would write. Not part of CI: a full run takes
-about half an hour.
+about 40 minutes on two busy cores.
 
     scripts/mutate                      every mutant
     scripts/mutate -k proxy -k login    mutants whose id or module contains one of these words

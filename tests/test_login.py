@@ -210,9 +210,15 @@ async def test_sign_out_revokes_and_clears(gateway_factory: Any, db: asyncpg.Poo
         assert await db.fetchval("SELECT revoked_at IS NOT NULL FROM sessions")
         assert (await b.get("/oauth2/userinfo")).status == 401
     # A copy of the cookie taken before sign-out is worthless too.
+    revoked_at = await db.fetchval("SELECT revoked_at FROM sessions")
     async with aiohttp.ClientSession() as http:
         r = await http.get(f"{gw.public_url}/oauth2/userinfo", headers={"Cookie": f"_gateway={stolen}"})
         assert r.status == 401
+        # Signing out with it again changes nothing: the revocation time stays what it was (it is evidence).
+        r = await http.get(f"{gw.public_url}/oauth2/sign_out", headers={"Cookie": f"_gateway={stolen}"},
+                           allow_redirects=False)
+        assert r.status == 302
+    assert await db.fetchval("SELECT revoked_at FROM sessions") == revoked_at
     assert "sign_out" in [a for (a,) in await db.fetch("SELECT action FROM audit_events")]
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from conftest import session_cookie
+
+from gateway.db import groups as db_groups
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gateway"
 # The GitLab stand-in is a test double, not part of the gateway's attack surface.
@@ -100,3 +103,12 @@ async def test_auth_allowed_groups_means_any_of_them(gateway_factory: Any) -> No
         assert await status("?allowed_groups=") == 403
     async with aiohttp.ClientSession() as anon, anon.get(f"{gw.public_url}/oauth2/auth") as r:
         assert r.status == 401
+
+
+# ---- guards in the SQL itself (the services check first; the statements hold even for a caller that forgets) --
+
+async def test_the_default_group_row_cannot_be_deleted(db: asyncpg.Pool) -> None:
+    async with db.acquire() as conn:
+        default = await db_groups.default_group(conn)
+        assert await db_groups.delete(conn, default.id) is False
+        assert await db_groups.by_id(conn, default.id) is not None
