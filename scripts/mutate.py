@@ -14,9 +14,9 @@ never touched), runs only the mutant's tests (`pytest -x -q`), and records:
 It prints one line per mutant, the score per module (killed / (killed + survived), stale and invalid left
 out) and every survivor with its description and, where the mutants file has one, the reason it is accepted
 (`survives = "..."`: equivalent, or not observable from outside). Tools like mutmut or cosmic-ray generate
-thousands of mechanical mutants per module; with a real PostgreSQL and real servers behind each test file that
-is days of runs, and most of those mutants are not bugs anyone would write. Not part of CI: a full run takes
-about 40 minutes on two busy cores.
+hundreds of mechanical mutants per module (cosmic-ray: about 3,400 for these modules); with a real PostgreSQL
+and real servers behind each test file that is days of runs, and most of those mutants are not bugs anyone
+would write. Not part of CI: a full run takes about 40 minutes on two busy cores.
 
     scripts/mutate                      every mutant
     scripts/mutate -k proxy -k login    mutants whose id or module contains one of these words
