@@ -151,6 +151,7 @@ def test_accepted_targets_are_returned_unchanged(rd: str, own_host: str, allowed
         ("https://tool%2eexample.com/", ()),
         ("https://tool.example.com./", ()),
         ("https://tool.example.com:99999/", ()),
+        ("https://tool.example.com:99999/", ("tool.example.com:*",)),  # any port, but a port
         ("https://tool.example.com:/", ()),
         ("https://tool.example.com:x/", ()),
         ("https://[::1/", ()),
