@@ -10,11 +10,14 @@ import asyncpg
 
 COLUMNS = """g.id, g.name, g.description, g.builtin, g.gitlab_group_id, g.created_at,
   (SELECT count(*) FROM memberships m WHERE m.group_id = g.id) AS member_count"""
-BY_NAMES = f"SELECT {COLUMNS} FROM groups g WHERE g.name = ANY($1::text[]) ORDER BY g.id"
+# What sign-ins and re-checks read (by_names, default_group, by_gitlab_ids): no member count, which costs
+# O(members) per group, and the default group holds every user (member_count reads 0 there).
+LEAN_COLUMNS = "g.id, g.name, g.description, g.builtin, g.gitlab_group_id, g.created_at"
+BY_NAMES = f"SELECT {LEAN_COLUMNS} FROM groups g WHERE g.name = ANY($1::text[]) ORDER BY g.id"
 ALL_NAMES = "SELECT name FROM groups ORDER BY name"
 BY_ID = f"SELECT {COLUMNS} FROM groups g WHERE g.id = $1"
 BY_NAME = f"SELECT {COLUMNS} FROM groups g WHERE g.name = $1"
-DEFAULT = f"SELECT {COLUMNS} FROM groups g WHERE g.builtin ORDER BY g.id LIMIT 1"
+DEFAULT = f"SELECT {LEAN_COLUMNS} FROM groups g WHERE g.builtin ORDER BY g.id LIMIT 1"
 LIST = f"SELECT {COLUMNS} FROM groups g WHERE ($1::bigint IS NULL OR g.id > $1) ORDER BY g.id LIMIT $2"
 # Rule 7: bind only while unbound, so two sign-ins racing to bind the same group cannot both win.
 BIND = """
@@ -150,7 +153,7 @@ async def member(conn: asyncpg.Connection, group_id: int, user_id: int) -> async
 
 # ---- SPEC §11: bound groups follow renames; case mismatches are reported once --------------------------------
 
-BY_GITLAB_IDS = f"SELECT {COLUMNS} FROM groups g WHERE g.gitlab_group_id = ANY($1::bigint[]) ORDER BY g.id"
+BY_GITLAB_IDS = f"SELECT {LEAN_COLUMNS} FROM groups g WHERE g.gitlab_group_id = ANY($1::bigint[]) ORDER BY g.id"
 RENAME = "UPDATE groups SET name = $2 WHERE id = $1 AND NOT builtin RETURNING id"
 # Local groups whose name equals one of the paths except for case (the paths are given lower-cased).
 CASE_MISMATCHES = """
