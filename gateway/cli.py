@@ -150,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"gateway: {err}", file=sys.stderr)
         code = EXIT_USAGE
     except GatewayError as err:
-        print(f"gateway: {err.message}", file=sys.stderr)
+        # An operator's terminal, not a visitor's page: the cause helps (a refused connection, a timeout).
+        print(f"gateway: {err.message}" + (f" ({err.cause})" if err.cause else ""), file=sys.stderr)
         code = EXIT_USAGE if err.status in (400, 404, 409, 422) else EXIT_FAILURE
     except KeyboardInterrupt:
         code = EXIT_OK

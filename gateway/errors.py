@@ -37,6 +37,8 @@ class GatewayError(Exception):
     # A refusal page's way out: GitLab's page where the user can sign out to come back as someone else.
     switch_account_url: str | None = None
     json_only = False  # answered as JSON even to a browser (bad bearer tokens: SPEC §14)
+    # What went wrong inside (an exception, an upstream's failure): logged with the request, never shown.
+    cause: str | None = None
 
     def __init__(self, message: str | None = None, *, code: str | None = None, advice: str | None = None,
                  retry_url: str | None = None) -> None:

@@ -310,18 +310,18 @@ class Browser:
 @pytest.fixture
 async def gateway_factory(dsn: str, gitlab: tuple[FakeGitLab, str], upstream: str,
                           unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[Callable[..., Any]]:
-    """Start gateways on this test's database: `await gateway_factory(provisioning={...})`."""
+    """Start gateways on this test's database (or on `database=`): `await gateway_factory(provisioning={...})`."""
     fake, gitlab_url = gitlab
     started: list[Gateway] = []
 
-    async def start(**sections: dict[str, Any]) -> Gateway:
+    async def start(*, database: str | None = None, **sections: dict[str, Any]) -> Gateway:
         public_port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
         cfg = make_config(public_port=public_port, admin_port=admin_port, gitlab_url=gitlab_url,
                           upstream_url=upstream, **sections)
         fake.add_application(CLIENT_ID, CLIENT_SECRET, [cfg.server.callback_url])
         readiness, metrics = Readiness(), Metrics()
-        public_app = create_public_app(cfg, dsn, readiness=readiness, metrics=metrics)
-        admin_app = create_admin_app(cfg, dsn, readiness=readiness, metrics=metrics)
+        public_app = create_public_app(cfg, database or dsn, readiness=readiness, metrics=metrics)
+        admin_app = create_admin_app(cfg, database or dsn, readiness=readiness, metrics=metrics)
         public = TestServer(public_app, host="127.0.0.1", port=public_port)
         admin = TestServer(admin_app, host="127.0.0.1", port=admin_port)
         await public.start_server()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -70,10 +71,29 @@ async def resolve_dsn(cfg: DatabaseConfig) -> str:
     return dsn
 
 
+# A hung server (SIGSTOP, a stuck disk, a network black hole) must fail requests fast with a 503, not let them
+# queue for ever: waiting for a pooled connection is bounded by ACQUIRE_TIMEOUT (asyncpg waits without limit by
+# default), and each statement by STATEMENT_TIMEOUT (the session look-up of the proxy path has a tighter bound
+# of its own, sessions/store.py).
+ACQUIRE_TIMEOUT = 3.0
+STATEMENT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+
+
+class BoundedPool(asyncpg.Pool):  # type: ignore[misc]
+    """asyncpg's pool with a default acquire timeout (also used for `pool.fetch...` and for the release)."""
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=ACQUIRE_TIMEOUT if timeout is None else timeout)
+
+
 async def create_pool(dsn: str, *, size: int) -> asyncpg.Pool:
     """A pool, or DatabaseUnavailable with one sentence naming the host and what to check."""
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, timeout=10, command_timeout=30)
+        pool = await BoundedPool(dsn, min_size=1, max_size=size, max_queries=50000,
+                                 max_inactive_connection_lifetime=300.0, loop=None,
+                                 connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                                 timeout=CONNECT_TIMEOUT, command_timeout=STATEMENT_TIMEOUT)
     # ValueError/OverflowError: a DSN asyncpg cannot use (a port out of range)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OverflowError) as exc:
         raise DatabaseUnavailable(
@@ -82,3 +102,12 @@ async def create_pool(dsn: str, *, size: int) -> asyncpg.Pool:
         ) from None
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, *, within: float = 5.0) -> None:
+    """Close gracefully, or drop the connections when the server does not answer (a hung database must not
+    hold up a shutdown: asyncpg's close waits for every connection's goodbye)."""
+    try:
+        await asyncio.wait_for(pool.close(), within)
+    except (TimeoutError, OSError, asyncpg.InterfaceError):
+        pool.terminate()

@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from gateway.db import DB_UNAVAILABLE
-from gateway.errors import DatabaseUnavailable
+from gateway.db import DB_UNAVAILABLE, unavailable
 
 
 @contextlib.asynccontextmanager
@@ -18,5 +17,4 @@ async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         async with pool.acquire() as conn, conn.transaction():
             yield conn
     except DB_UNAVAILABLE as exc:
-        raise DatabaseUnavailable(f"The database did not answer ({type(exc).__name__}); try again in a moment"
-                                  ) from None
+        raise unavailable("transaction", exc) from None

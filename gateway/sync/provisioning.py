@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from gateway.config import ProvisioningConfig
-from gateway.db import DB_UNAVAILABLE
+from gateway.db import DB_UNAVAILABLE, unavailable
 from gateway.db import audit as db_audit
 from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
@@ -129,8 +129,7 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
         raise SignInRefused(refusal.message, code=refusal.code, advice=refusal.advice, login=user.username,
                             gitlab_id=user.id) from None
     except DB_UNAVAILABLE as exc:
-        log.exception("provisioning failed", extra={"error": type(exc).__name__})
-        raise DatabaseUnavailable() from None
+        raise unavailable("sign-in", exc) from None  # logged once, with the request (app.errors_middleware)
 
 
 def _check_gitlab(cfg: ProvisioningConfig, user: GitLabUser, groups: tuple[GitLabGroup, ...] | None) -> None:

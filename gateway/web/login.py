@@ -237,7 +237,8 @@ async def callback(request: web.Request) -> web.Response:
         if err.status == 403:
             _way_out(err, gitlab.browser_url, start_url(prefix, rd, again=err.code), repeated=again == err.code)
         metrics.login(err.code)
-        log.info("sign-in failed", extra={"reason": err.code, "status": err.status, "user": login})
+        if err.status < 500:  # an outage is logged with its cause by app.errors_middleware, once
+            log.info("sign-in failed", extra={"reason": err.code, "status": err.status, "user": login})
         raise
     sid = result.session_id
     previous = store.request_ref(request)
@@ -295,13 +296,18 @@ async def sign_out(request: web.Request) -> web.Response:
         return sign_out_page(f"{cfg.server.prefix}/sign_out?rd={quote(rd, safe='')}")
     ref = store.request_ref(request)
     if ref is not None:
-        identity = await store.lookup(ref.sid)
-        if await store.revoke(ref.sid) is not None and identity is not None:
-            try:
-                await db_audit.record(request.app[keys.POOL], identity.login, "sign_out", identity.login,
-                                      session=ref.sid[:8])
-            except DB_UNAVAILABLE:
-                log.error("could not audit a sign-out")
+        try:
+            identity = await store.lookup(ref.sid)
+            if await store.revoke(ref.sid) is not None and identity is not None:
+                try:
+                    await db_audit.record(request.app[keys.POOL], identity.login, "sign_out", identity.login,
+                                          session=ref.sid[:8])
+                except DB_UNAVAILABLE:
+                    log.error("could not audit a sign-out")
+        except DatabaseUnavailable as err:
+            # The browser forgets the session all the same; the row lapses at its expiry or an admin revokes it.
+            store.invalidate_session(ref.sid)
+            log.warning("sign-out could not revoke the session: cookie cleared only", extra={"cause": err.cause})
     response = redirect(rd)
     response.del_cookie(store.cookie_name, path="/", secure=cfg.cookie_secure, httponly=True,
                         samesite=cfg.session.samesite)
