@@ -75,7 +75,6 @@ async def test_a_hung_database_fails_requests_fast_and_readyz_answers_in_time(ow
             assert seconds < 2, f"/readyz took {seconds:.1f}s"
     finally:
         own_pg.thaw()
-    await until(lambda: True)
     status, _, _ = await get(f"{gw.public_url}/hello", cookie)
     assert status == 200, "the gateway recovers once the database answers again"
 

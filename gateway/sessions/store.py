@@ -195,7 +195,8 @@ class SessionStore:
     async def lookup(self, sid: str) -> Identity | None:
         now = self._clock()
         entry = self._cache.get(sid)
-        if entry is not None:
+        # Without LISTEN a change may be missed: ask the database (and fall back on the cache only if it is down).
+        if entry is not None and self.listening:
             ttl = self.check_interval if entry.identity is not None else min(NEGATIVE_TTL, self.check_interval)
             if now - entry.fetched < ttl and time.time() < entry.expires:
                 return entry.identity
@@ -224,7 +225,8 @@ class SessionStore:
     def _servable_in_outage(self, entry: _Entry, now: float) -> bool:
         """While PostgreSQL is down, a cached identity stays good for `check_interval` after the last moment
         its invalidation was still heard (the LISTEN connection's loss): no revocation can be committed while
-        the database is down, and that much staleness is what SPEC §6 accepts anyway."""
+        the database is down, and that much staleness is what SPEC §6 accepts anyway. (While only the LISTEN
+        connection is down, look-ups reach the database and this is never used.)"""
         if self._lost_at is None or time.time() >= entry.expires:
             return False
         return now - max(entry.fetched, self._lost_at) < self.check_interval
