@@ -355,7 +355,7 @@ async def listen(store: SessionStore, dsn: str, *, stop: asyncio.Event) -> None:
         else:
             error = "connection closed"
         finally:
-            if not store.in_outage:  # one line per outage, not one per retry
+            if not store.in_outage and not stop.is_set():  # one line per outage, not one per retry
                 log.warning("notification listener lost; retrying", extra={"error": error})
             store.listener_lost()
             if conn is not None and not conn.is_closed():
