@@ -18,6 +18,7 @@ from gateway import keys, logs
 from gateway.access.headers import HeaderPolicy
 from gateway.access.ratelimit import RateLimiter
 from gateway.access.routes import RouteTable
+from gateway.background import Background
 from gateway.config import Config, ConfigError
 from gateway.db import DB_UNAVAILABLE
 from gateway.db import grants as db_grants
@@ -165,6 +166,13 @@ async def gitlab_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    # After gitlab_ctx: its tasks (token revocations) finish or are cancelled before GitLab's session closes.
+    app[keys.BACKGROUND] = background = Background()
+    yield
+    await background.close()
+
+
 def _base_app(cfg: Config, dsn: str, readiness: Readiness, metrics: Metrics) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
     app[keys.CONFIG] = cfg
@@ -186,7 +194,8 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app[keys.ACCESS] = access.Access.from_config(cfg, app[keys.HEADER_POLICY])
     app[access.SIGNER] = app[keys.ACCESS].signer
     app[keys.SIGNIN_LIMITER] = RateLimiter(cfg.server.signin_rate.count, cfg.server.signin_rate.period)
-    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, resync_ctx, tokens_ctx, proxy.upstream_ctx])
+    app.cleanup_ctx.extend([database_ctx, sessions_ctx, gitlab_ctx, resync_ctx, tokens_ctx, background_ctx,
+                            proxy.upstream_ctx])
     p = cfg.server.prefix
     if cfg.gitlab.webhook_secret:
         app.router.add_post(f"{p}/gitlab/webhook", webhook.receive)

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from gateway.access.headers import HeaderPolicy
     from gateway.access.ratelimit import RateLimiter
     from gateway.access.routes import RouteTable
+    from gateway.background import Background
     from gateway.config import Config
     from gateway.identity import Anonymous, Identity
     from gateway.metrics import Metrics
@@ -28,6 +29,7 @@ UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
 HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")
 ROUTES: web.AppKey[RouteTable] = web.AppKey("routes")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+BACKGROUND: web.AppKey[Background] = web.AppKey("background")
 ACCESS: web.AppKey[Access] = web.AppKey("access")  # SPEC §13: policy, upstream routing, signer
 SIGNIN_LIMITER: web.AppKey[RateLimiter] = web.AppKey("signin_limiter")
 

@@ -258,13 +258,17 @@ class GitLabClient:
         return token
 
     async def revoke(self, token: str) -> None:
-        """Revoke a token at GitLab; best effort, never raises."""
+        """Revoke a token at GitLab; best effort, never raises (a failure is logged, with its cause)."""
         try:
-            await self._request("revoke", "POST", "/oauth/revoke", auth=self._client_auth(),
-                                data={"token": token})
-        except Exception:
-            # Revocation is a courtesy: signing out must not fail because GitLab did not answer.
-            log.debug("gitlab revoke failed")
+            answer = await self._request("revoke", "POST", "/oauth/revoke", auth=self._client_auth(),
+                                         data={"token": token})
+        except Exception as exc:
+            # Revocation is a courtesy: signing in or out must not fail because GitLab did not answer.
+            cause = exc.message if isinstance(exc, GitLabUnavailable) else type(exc).__name__
+            log.warning("GitLab token revocation failed", extra={"cause": cause})
+            return
+        if answer.status != 200:
+            log.warning("GitLab token revocation failed", extra={"cause": f"GitLab answered {answer.status}"})
 
     # ---------------------------------------------------------------------------------------------------
     # Identity

@@ -225,12 +225,15 @@ async def callback(request: web.Request) -> web.Response:
         except GatewayError as err:
             err.retry_url = err.retry_url or retry
             raise
+        # Revocations are courtesies that must not delay the sign-in: they run in the background (each
+        # bounded by gitlab.timeout, logged when it fails).
         if keep:
             # SPEC §11: the grant is kept for re-checks; the one it replaces dies at GitLab.
-            await resync.revoke_sealed(gitlab, store.fernet, result.replaced_grant)
+            revocation = resync.revoke_sealed(gitlab, store.fernet, result.replaced_grant)
         else:
             # GitLab tokens are not kept (SPEC §6): our session stands on its own from here.
-            await gitlab.revoke(token.access_token)
+            revocation = gitlab.revoke(token.access_token)
+        request.app[keys.BACKGROUND].spawn(revocation, name="gitlab-revoke")
     except GatewayError as err:
         err.retry_url = err.retry_url or start_url(prefix, "/")
         login = err.login if isinstance(err, SignInRefused) else None
