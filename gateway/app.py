@@ -110,8 +110,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if request.app.get(COUNT_REQUESTS):
             request.app[keys.METRICS].request(status, elapsed)
         identity = request.get(keys.IDENTITY)
+        # `outcome` only when the status tells less than the truth (a streamed response cut: "truncated").
+        outcome = request.get(keys.OUTCOME)
         logs.ACCESS.write(request_id, request.method, request.rel_url.path, status, elapsed, request.remote,
-                          getattr(identity, "login", None))
+                          getattr(identity, "login", None), **({"outcome": outcome} if outcome else {}))
         logs.REQUEST_ID.reset(log_context)
 
 

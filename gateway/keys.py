@@ -34,4 +34,6 @@ ACCESS: web.AppKey[Access] = web.AppKey("access")  # SPEC §13: policy, upstream
 SIGNIN_LIMITER: web.AppKey[RateLimiter] = web.AppKey("signin_limiter")
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# How a request really ended when its status says otherwise (a streamed response cut: "truncated").
+OUTCOME = web.RequestKey("outcome", str)
 IDENTITY: web.RequestKey[Identity | Anonymous] = web.RequestKey("identity")

@@ -18,6 +18,9 @@ Timeouts:
   never answers), and armed for good once the last chunk is sent. Expiry is a 504.
 - After the headers nothing bounds the body: server-sent events and long downloads may last for hours.
 
+Reusing upstream connections: keepalive.py honours the upstream's advertised `Keep-Alive: timeout=N` and says
+when a request that died with a reused connection may be sent again.
+
 The client going away: aiohttp cancels the handler (handler_cancellation, see server.py; aiohttp's
 TestServer does the same); the upstream request is then abandoned, or the upstream response released
 unread, which closes its connection, so the upstream sees it drop. A write to a client that has gone
@@ -52,6 +55,7 @@ from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
 from gateway.identity import Anonymous, Identity
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore
+from gateway.web import keepalive
 from gateway.web.access import Access, refuse, unknown_host
 from gateway.web.pages import NO_STORE
 
@@ -106,11 +110,11 @@ PROXIES: web.AppKey[tuple[Proxy, ...]] = web.AppKey("proxies")
 
 def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
     """An upstream's ClientSession: no cookie jar, no decompression, no redirects followed, no pool cap."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
+    connector = keepalive.UpstreamConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
     # sock_connect, not connect: it costs a timer only when a connection is opened, not on every request
     # (with no pool limit, `connect` would only add the wait for a pooled connection, which never happens).
     return aiohttp.ClientSession(
-        connector=connector, request_class=UpstreamRequest,
+        connector=connector, request_class=UpstreamRequest, response_class=keepalive.UpstreamResponse,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
@@ -245,7 +249,7 @@ class Deadlines:
 class _BodyPacer:
     """Moves a request's deadline as its body goes up (see the module docstring)."""
 
-    __slots__ = ("deadlines", "loop", "seconds", "task", "waiting")
+    __slots__ = ("deadlines", "loop", "seconds", "started", "task", "waiting")
 
     def __init__(self, deadlines: Deadlines, task: asyncio.Task[Any], seconds: float) -> None:
         self.deadlines = deadlines
@@ -253,6 +257,7 @@ class _BodyPacer:
         self.loop = asyncio.get_running_loop()
         self.seconds = seconds
         self.waiting = True  # False once the headers arrived: the body may still flow, with no deadline
+        self.started = False  # a chunk was taken from the client: the request cannot be sent again
 
     def arm(self) -> None:
         if self.waiting:
@@ -268,6 +273,7 @@ class _BodyPacer:
             chunk = await content.readany()
             if not chunk:
                 break
+            self.started = True
             self.arm()  # the upstream must take this chunk in time
             yield chunk
         self.arm()  # all sent: the headers are due within `seconds`
@@ -303,18 +309,32 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
     # Armed from the start (DNS, connect, the first chunk); with a body, the pacer moves it as it goes.
     deadlines.set(task, started + proxy.timeout)
     pacer = _BodyPacer(deadlines, task, proxy.timeout) if has_body else None
-    try:
-        up = await proxy.http.request(
+
+    async def send() -> aiohttp.ClientResponse:
+        return await proxy.http.request(
             method, url, headers=headers, data=pacer.body(request.content) if pacer else None,
             allow_redirects=False, skip_auto_headers=skip)
+
+    try:
+        try:
+            up = await send()
+        except keepalive.CONNECTION_DIED as exc:
+            if not keepalive.may_retry(method, body_started=pacer is not None and pacer.started):
+                raise
+            # A reused connection the upstream was closing, and nothing of the request consumed: once more.
+            log.info("upstream closed a reused connection under a request; sending it again",
+                     extra={"cause": _describe(exc)})
+            up = await send()
     except asyncio.CancelledError:
         if deadlines.expired(task):
             task.uncancel()
-            raise UpstreamTimeout(f"no response headers from the upstream within {proxy.timeout:g}s") from None
+            err: UpstreamError | UpstreamTimeout = UpstreamTimeout(
+                f"No response from the application within {proxy.timeout:g} seconds")
+            err.cause = f"no response headers from {proxy.upstream_host} within upstream.timeout"
+            raise err from None
         raise
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # TimeoutError: aiohttp's sock_connect
-        log.warning("upstream request failed", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
-        raise UpstreamError(f"upstream error: {type(exc).__name__}") from None
+        raise _upstream_error(proxy, "request", exc) from None
     finally:
         if pacer is not None:
             pacer.waiting = False
@@ -334,7 +354,7 @@ async def _respond(proxy: Proxy, request: web.Request, up: aiohttp.ClientRespons
         try:
             body = await up.read()
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(f"upstream error while reading the response: {type(exc).__name__}") from None
+            raise _upstream_error(proxy, "response body", exc) from None
         return web.Response(status=status, headers=headers, body=body)
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(request)
@@ -345,12 +365,27 @@ async def _respond(proxy: Proxy, request: web.Request, up: aiohttp.ClientRespons
         # Headers are gone: the only honest signal left is to cut the connection, so the client sees a
         # truncated body instead of a complete-looking one.
         up.close()
-        log.warning("upstream failed mid-response", extra={"error": type(exc).__name__})
+        cause = f"{proxy.upstream_host}: {_describe(exc)}"
+        # The access log line says so too: the status it shows was sent, the body was not.
+        request[keys.OUTCOME] = "truncated"
+        log.warning("upstream failed mid-response: the response was cut", extra={"cause": cause})
         if request.transport is not None:
             request.transport.close()
         return response
     await response.write_eof()
     return response
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()[:200]
+    return f"{text} ({type(exc).__name__})" if text else type(exc).__name__
+
+
+def _upstream_error(proxy: Proxy, what: str, exc: BaseException) -> UpstreamError:
+    """The 502 for a failed upstream `what`: the page says the application is not answering, the log why."""
+    err = UpstreamError()
+    err.cause = f"{what} to {proxy.upstream_host}: {_describe(exc)}"
+    return err
 
 
 # ---- WebSocket -----------------------------------------------------------------------------------------
@@ -388,7 +423,7 @@ async def _relay_websocket(proxy: Proxy, request: web.Request,
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if timer.expired():
             raise UpstreamTimeout("the upstream did not accept the WebSocket in time") from None
-        raise UpstreamError(f"upstream error: {type(exc).__name__}") from None
+        raise _upstream_error(proxy, "WebSocket", exc) from None
     proxy.metrics.upstream(loop.time() - started)
     async with upstream:
         client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
