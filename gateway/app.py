@@ -228,8 +228,8 @@ async def healthz(request: web.Request) -> web.Response:
 # /readyz answers within 2 s whatever the database does (SPEC §16 review): its database check gets
 # READY_DB_BUDGET, plus at most READY_ACQUIRE for handing back a connection whose query was cut (asyncpg waits
 # that long for the server to confirm the cancellation, then drops the connection).
-READY_DB_BUDGET = 1.2
-READY_ACQUIRE = 0.5
+READY_DB_BUDGET = 1.0
+READY_ACQUIRE = 0.4
 
 
 async def readyz(request: web.Request) -> web.Response:

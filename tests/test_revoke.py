@@ -1,4 +1,5 @@
-"""The GitLab token revocation after sign-in (SPEC §6: tokens are not kept) runs in the background: a slow or
+"""The GitLab token revocation after sign-in (SPEC §6 with `resync_interval: 0`: tokens are not kept; with
+SPEC §11's re-checks, the grant a new sign-in replaces) runs in the background: a slow or
 failing /oauth/revoke never delays nor fails the sign-in redirect, a failure is logged with its cause, and the
 task is finished or cancelled when the gateway stops (nothing left pending)."""
 
@@ -10,7 +11,7 @@ from gateway import keys
 
 
 async def test_a_slow_revoke_does_not_delay_the_sign_in(gateway_factory):
-    gw = await gateway_factory()
+    gw = await gateway_factory(provisioning={"resync_interval": 0})
     gw.fake.add_user(10, "alice", name="Alice", email="alice@example.com")
     gw.fake.fail("revoke", status=0, delay=2.0)  # answers, but late
     async with gw.browser() as b:
@@ -30,7 +31,7 @@ async def test_a_slow_revoke_does_not_delay_the_sign_in(gateway_factory):
 
 
 async def test_a_failing_revoke_is_logged_and_a_pending_one_ends_with_the_gateway(gateway_factory, caplog):
-    gw = await gateway_factory()
+    gw = await gateway_factory(provisioning={"resync_interval": 0})
     gw.fake.add_user(10, "alice", name="Alice", email="alice@example.com")
     gw.fake.fail("revoke", status=500)
     async with gw.browser() as b:
