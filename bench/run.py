@@ -276,7 +276,9 @@ def gateway_config(workdir: Path, name: str, *, dsn: str, upstream: str, workers
                    log_level: str = "warning", extra: dict[str, object] | None = None) -> tuple[Path, int, int]:
     public, admin = free_port(), free_port()
     data = {
-        "server": {"listen": f"127.0.0.1:{public}", "public_url": f"http://127.0.0.1:{public}", "workers": workers},
+        # Every bench client signs in from 127.0.0.1: the per-address sign-in limit (SPEC §16) is not what is measured.
+        "server": {"listen": f"127.0.0.1:{public}", "public_url": f"http://127.0.0.1:{public}", "workers": workers,
+                   "signin_rate": "100000/m"},
         "admin": {"listen": f"127.0.0.1:{admin}", "tokens": ["bench-admin-token-0123456789"]},
         "upstream": {"url": upstream},
         "gitlab": {"url": "http://127.0.0.1:9", "client_id": "bench", "client_secret": "bench-secret"},
