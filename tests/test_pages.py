@@ -260,3 +260,28 @@ async def test_admin_listener_pages_behind_an_admin_token(gateway_factory, db):
         assert r.status == 404 and r.content_type == "application/json"
     assert await db.fetchval("SELECT actor FROM audit_events WHERE action = 'group.created'") == "tester"
     assert await db.fetchval("SELECT count(*) FROM groups WHERE name = 'x'") == 0
+
+
+async def test_sync_now_is_audited_under_the_administrator(gateway_factory, db):
+    """SPEC §11 + §15: the "Sync with GitLab now" button's re-check (its group changes, or the sessions it ends)
+    is audited with the administrator's login as actor, not as the background re-check's."""
+    gw = await gateway_factory(admin={"groups": ["admins"]})
+    alice = Page(gw, await session_cookie(gw, "alice"))
+    await session_cookie(gw, "bob", uid=11)
+    await _admin_group(gw, "admins", "alice")
+    await _admin_group(gw, "ops")
+    gw.fake.add_group(50, "ops")
+    gw.fake.add_member("bob", "ops")
+    await _until_admin(alice)
+    await alice.get("/oauth2/admin/users/bob")
+    r = await alice.post("/oauth2/admin/users/bob/sync", {})
+    assert r.status == 302 and r.headers["Location"].endswith("done=synced"), alice.text[:300]
+    row = await db.fetchrow("SELECT actor, details::text AS d FROM audit_events WHERE action = 'sync.resync' "
+                            "AND subject = 'bob' ORDER BY id DESC LIMIT 1")
+    assert row is not None and row["actor"] == "alice" and "ops" in row["d"]
+    # A re-check that ends the sessions (blocked in GitLab): the revocation is alice's too.
+    gw.fake.set_user_state("bob", "blocked")
+    await alice.get("/oauth2/admin/users/bob")
+    assert (await alice.post("/oauth2/admin/users/bob/sync", {})).status == 302
+    assert await db.fetchval("SELECT actor FROM audit_events WHERE action = 'session.revoked' AND subject = 'bob'"
+                             ) == "alice"

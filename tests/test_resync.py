@@ -267,6 +267,9 @@ async def test_admin_sync_rechecks_now(gateway_factory: Any, db: asyncpg.Pool) -
             body = await r.json()
         assert {"name": "other", "source": "sync"} in body["groups"]
         assert body["sync_state"] == "ok" and body["next_sync_at"]
+        # Audited under the admin token's name, not as the background re-check.
+        assert await db.fetchval("SELECT actor FROM audit_events WHERE action = 'sync.resync' ORDER BY id DESC "
+                                 "LIMIT 1") == "tester"
         gw.fake.fail("token", 500)
         async with api.post("/api/v1/users/alice/sync") as r:
             assert r.status == 502

@@ -208,7 +208,7 @@ async def sync_user(request: web.Request) -> web.Response:
     """SPEC §11: re-check one user with GitLab now; 409 without a kept grant, 502 when GitLab fails."""
     pool = request.app[keys.POOL]
     login = request.match_info["login"]
-    await request.app[RESYNC].check_now(login)
+    await request.app[RESYNC].check_now(login, actor=request[ADMIN_ACTOR])
     return _json(shapes.user(await accounts.get_user(pool, login)))
 
 

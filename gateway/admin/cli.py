@@ -230,7 +230,8 @@ async def users_sync(pool: asyncpg.Pool, args: argparse.Namespace) -> None:
     cfg = _config(args)
     session = GitLabClient.make_session(cfg.gitlab)
     try:
-        outcome = await Resyncer(cfg, pool, GitLabClient(cfg.gitlab, session), Metrics()).check_now(args.login)
+        resyncer = Resyncer(cfg, pool, GitLabClient(cfg.gitlab, session), Metrics())
+        outcome = await resyncer.check_now(args.login, actor=actor())
     finally:
         await session.close()
     d = await accounts.get_user(pool, args.login)

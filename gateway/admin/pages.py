@@ -221,7 +221,7 @@ async def sync_now(request: web.Request) -> web.StreamResponse:
     kept grant, 502 when GitLab fails); what it changes is audited by the re-check."""
     viewer, _ = await _form(request)
     login = request.match_info["login"]
-    await request.app[RESYNC].check_now(login)
+    await request.app[RESYNC].check_now(login, actor=viewer.actor)
     return _done(viewer, _user_path(login), "synced")
 
 

@@ -184,8 +184,9 @@ class Resyncer:
 
     # ---- the admin call ---------------------------------------------------------------------------------
 
-    async def check_now(self, login: str) -> Outcome:
-        """Re-check one user at once (admin API/CLI): Conflict without a kept grant, GitLabUnavailable on failure."""
+    async def check_now(self, login: str, *, actor: str = ACTOR) -> Outcome:
+        """Re-check one user at once (admin API, CLI, page): Conflict without a kept grant, GitLabUnavailable on
+        failure; what it changes is audited under `actor` (the administrator who asked)."""
         try:
             async with self.pool.acquire() as conn:
                 user = await db_users.by_login(conn, login)
@@ -207,7 +208,7 @@ class Resyncer:
             await db_grants.release(self.pool, user.id, owner)
             raise Conflict(f"No GitLab grant is kept for {user.login}",
                            advice="The user must sign in (with provisioning.resync_interval on) first.")
-        outcome = await self.process(grant, owner, require_session=False)
+        outcome = await self.process(grant, owner, require_session=False, actor=actor)
         if outcome.result == "failed":
             raise GitLabUnavailable(f"GitLab could not confirm {user.login}: {outcome.error}")
         if outcome.result in ("lost", "no_grant") and outcome.error:
@@ -216,11 +217,12 @@ class Resyncer:
 
     # ---- one re-check -----------------------------------------------------------------------------------
 
-    async def process(self, grant: db_grants.Grant, owner: str, *, require_session: bool) -> Outcome:
+    async def process(self, grant: db_grants.Grant, owner: str, *, require_session: bool,
+                      actor: str = ACTOR) -> Outcome:
         """Re-check one claimed user; never raises (the lease runs out if the database is gone)."""
         newest = [grant.refresh_token]  # the newest sealed token: GitLab may have rotated it before a failure
         try:
-            outcome = await self._process(grant, owner, newest, require_session=require_session)
+            outcome = await self._process(grant, owner, newest, require_session=require_session, actor=actor)
         except DB_UNAVAILABLE as exc:
             # Nothing was half-applied (one transaction); the lease expires and the user is retried.
             log.warning("re-check could not reach the database", extra={"error": type(exc).__name__})
@@ -235,7 +237,7 @@ class Resyncer:
         return outcome
 
     async def _process(self, grant: db_grants.Grant, owner: str, newest: list[str | None], *,
-                       require_session: bool) -> Outcome:
+                       require_session: bool, actor: str) -> Outcome:
         uid = grant.user_id
         token = unseal(self.fernet, grant.refresh_token)
         if token is None:
@@ -244,7 +246,7 @@ class Resyncer:
                 if await db_grants.held(conn, uid, owner) is not None:
                     await db_grants.dropped(conn, uid, reason)
                     if reason:
-                        await db_audit.record(conn, ACTOR, "sync.no_grant", await self._login(conn, uid),
+                        await db_audit.record(conn, actor, "sync.no_grant", await self._login(conn, uid),
                                               reason=reason)
             return Outcome("no_grant", reason)
         if require_session:
@@ -255,7 +257,7 @@ class Resyncer:
         try:
             fresh = await self.gitlab.refresh(token)
         except GrantRefused:
-            return await self._revoke(uid, owner, "invalid_grant", "GitLab refused the kept grant", None)
+            return await self._revoke(uid, owner, "invalid_grant", "GitLab refused the kept grant", None, actor)
         except GitLabUnavailable as err:
             return await self._fail(uid, owner, grant.refresh_token, err.message, err.retry_after)
         sealed = newest[0] = seal(self.fernet, fresh.refresh_token)
@@ -263,12 +265,12 @@ class Resyncer:
         try:
             fetched = await self.gitlab.sign_in_data(fresh.access_token, need_groups=need_groups)
         except SignInRefused as err:
-            return await self._revoke(uid, owner, err.code, err.message, fresh.refresh_token)
+            return await self._revoke(uid, owner, err.code, err.message, fresh.refresh_token, actor)
         except GitLabUnavailable as err:
             return await self._fail(uid, owner, sealed, err.message, err.retry_after)
         for attempt in range(provisioning.RETRIES):
             try:
-                result = await self._apply(uid, owner, grant, sealed, fetched)
+                result = await self._apply(uid, owner, grant, sealed, fetched, actor)
                 break
             except provisioning.RACES:
                 # A sign-in or an administrator changed the same rows: everything rolled back; read again.
@@ -285,17 +287,17 @@ class Resyncer:
         self.metrics.group_changes(len(result.added), len(result.removed))
         return Outcome("changed" if result.changed else "unchanged")
 
-    async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, sealed: str, fetched: SignInData
-                     ) -> provisioning.RecheckResult | None:
+    async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, sealed: str, fetched: SignInData,
+                     actor: str) -> provisioning.RecheckResult | None:
         """§5 rules 1, 2, 5-8 and the rotated token in ONE transaction; None when our lease was lost."""
         async with self.pool.acquire() as conn, conn.transaction():
             if await db_grants.held(conn, uid, owner) is None:
                 return None
             result = await provisioning.recheck(
                 conn, self.cfg.provisioning, uid, fetched.user, fetched.groups,
-                bind_groups=self.cfg.gitlab.groups_source == "api", actor=ACTOR)
+                bind_groups=self.cfg.gitlab.groups_source == "api", actor=actor)
             if result.refusal is not None:
-                await self._revoke_in(conn, uid, result.user.login, result.refusal, result.message)
+                await self._revoke_in(conn, uid, result.user.login, result.refusal, result.message, actor)
             else:
                 await db_grants.succeeded(conn, uid, sealed, interval=self.interval)
                 if grant.failures:
@@ -307,21 +309,23 @@ class Resyncer:
         user = await db_users.by_id(conn, user_id)
         return user.login if user is not None else str(user_id)
 
-    async def _revoke(self, uid: int, owner: str, reason: str, message: str, live_token: str | None) -> Outcome:
+    async def _revoke(self, uid: int, owner: str, reason: str, message: str, live_token: str | None,
+                      actor: str) -> Outcome:
         async with self.pool.acquire() as conn, conn.transaction():
             if await db_grants.held(conn, uid, owner) is None:
                 return Outcome("lost", "the re-check took longer than its lease")
-            await self._revoke_in(conn, uid, await self._login(conn, uid), reason, message)
+            await self._revoke_in(conn, uid, await self._login(conn, uid), reason, message, actor)
         if live_token:
             await self.gitlab.revoke(live_token)
         return Outcome("revoked", reason)
 
-    async def _revoke_in(self, conn: asyncpg.Connection, uid: int, login: str, reason: str, message: str) -> None:
+    async def _revoke_in(self, conn: asyncpg.Connection, uid: int, login: str, reason: str, message: str,
+                         actor: str) -> None:
         """Every session of the user, on every replica (NOTIFY at commit); the grant is dropped."""
         revoked = await db_sessions.revoke_user(conn, uid)
         await db_grants.dropped(conn, uid, f"{reason}: {message}")
         await db_notify.notify(conn, "user", uid)
-        await db_audit.record(conn, ACTOR, "session.revoked", login, reason=reason, message=message,
+        await db_audit.record(conn, actor, "session.revoked", login, reason=reason, message=message,
                               sessions_revoked=len(revoked))
         log.info("sessions revoked by a re-check", extra={"user": login, "reason": reason})
 
