@@ -302,7 +302,8 @@ def create_admin_app(cfg: Config, dsn: str, *, readiness: Readiness | None = Non
     app[METRICS_SOURCE] = metrics_source or (lambda: app[keys.METRICS])
     # The admin call `users/{login}/sync` re-checks through GitLab; the public app runs the scheduler loop.
     app[RUN_SCHEDULER] = False
-    app.cleanup_ctx.extend([database_ctx, gitlab_ctx, resync_ctx, autoprov_schedule.automatic_ctx])
+    # background_ctx: a "run now" from the Provisioning page outlives its request when the run is long.
+    app.cleanup_ctx.extend([database_ctx, gitlab_ctx, resync_ctx, background_ctx, autoprov_schedule.automatic_ctx])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

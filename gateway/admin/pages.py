@@ -25,6 +25,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from gateway import keys
 from gateway.access.assertion import session_hash
+from gateway.admin import provisioning_page
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthenticated, Unprocessable
 from gateway.identity import Identity
 from gateway.services import accounts, audit, groups, sessions, shapes
@@ -45,6 +46,9 @@ DONE = {
     "added": "The member was added.", "removed": "The member was removed.",
     "deactivated": "The user was deactivated and every session of theirs ended.",
     "activated": "The user was reactivated.", "revoked": "Revoked everywhere.", "synced": "Synchronized with GitLab.",
+    "ran": "The run was applied: it is the newest run below.",
+    "running": "The run is still going on (a big GitLab subtree takes minutes): reload this page to see it "
+               "below when it has finished.",
 }
 
 
@@ -327,10 +331,32 @@ async def audit_log(request: web.Request) -> web.Response:
 
 
 async def provisioning(request: web.Request) -> web.Response:
-    # SPEC §12 (automatic provisioning) has not landed: this page says so; its last run, dry-run plan and
-    # "run now" go here when it does.
+    """SPEC §12: the last runs, and the forms to plan a dry run or run now (admin/provisioning_page.py)."""
     viewer = await _viewer(request)
-    return _page(request, viewer, "admin/provisioning.html", "Automatic provisioning", status=None)
+    return _page(request, viewer, "admin/provisioning.html", "Automatic provisioning",
+                 **await provisioning_page.context(request))
+
+
+async def provisioning_plan(request: web.Request) -> web.Response:
+    """A dry run's plan, shown on the page; nothing changes."""
+    viewer, _ = await _form(request)
+    page, status = await provisioning_page.dry_run(request, viewer.actor)
+    response = _page(request, viewer, "admin/provisioning.html", "Automatic provisioning", **page)
+    response.set_status(status)
+    return response
+
+
+async def provisioning_run(request: web.Request) -> web.StreamResponse:
+    """Run now, audited under the administrator; 409 (and the page saying so) while another run is going."""
+    viewer, _ = await _form(request)
+    done, err = await provisioning_page.run_now(request, viewer.actor)
+    if err is None:
+        return _done(viewer, "/provisioning", done or "ran")
+    page = await provisioning_page.context(request)
+    response = _page(request, viewer, "admin/provisioning.html", "Automatic provisioning",
+                     **{**page, "problem": provisioning_page.problem(err)})
+    response.set_status(err.status)
+    return response
 
 
 def add_routes(app: web.Application, base: str, viewer: Callable[[web.Request], Awaitable[Viewer]]) -> None:
@@ -355,6 +381,8 @@ def add_routes(app: web.Application, base: str, viewer: Callable[[web.Request], 
     r.add_post(f"{base}/tokens/revoke", token_revoke)
     r.add_get(f"{base}/audit", audit_log)
     r.add_get(f"{base}/provisioning", provisioning)
+    r.add_post(f"{base}/provisioning/plan", provisioning_plan)
+    r.add_post(f"{base}/provisioning/run", provisioning_run)
 
 
 def add_admin_listener_routes(app: web.Application) -> None:

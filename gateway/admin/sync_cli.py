@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.admin.cli import _config, _pool, _print_json, _table, actor
-from gateway.sync import automatic
+from gateway.sync import automatic, autoplan
 from gateway.sync.gitlab import GitLabClient
 from gateway.sync.gitlab_tree import Listing
 
@@ -59,19 +59,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _print_plan(report: dict[str, Any]) -> None:
-    rows: list[tuple[str, str, str]] = []
-    g, u, m, s = report["groups"], report["users"], report["memberships"], report["sessions"]
-    rows += [("create group", x["name"], f"GitLab group {x['gitlab_group_id']}") for x in g["created"]]
-    rows += [("bind group", x["name"], f"GitLab group {x['gitlab_group_id']}") for x in g["bound"]]
-    rows += [("rename group", x["old"], f"-> {x['new']}") for x in g["renamed"]]
-    rows += [("create user", x["login"], f"GitLab user {x['gitlab_id']}") for x in u["created"]]
-    rows += [("update user", x["login"], ", ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in x["changes"].items()))
-             for x in u["updated"]]
-    rows += [("add member", x["group"], x["login"]) for x in m["added"]]
-    rows += [("remove member", x["group"], f"{x['login']} ({x['source']})") for x in m["removed"]]
-    rows += [("revoke sessions", x["login"], f"{x['sessions']} ({x['reason']})") for x in s["revoked"]]
-    rows += [("conflict", x["group"], x["message"]) for x in g["conflicts"]]
-    rows += [("conflict", x["login"], x["message"]) for x in u["conflicts"]]
+    rows = autoplan.report_rows(report)
     if rows:
         _table(["CHANGE", "WHAT", "DETAIL"], rows)
     else:

@@ -67,12 +67,18 @@ UPDATE sessions SET revoked_at = now()
 WHERE user_id = ANY($1::bigint[]) AND revoked_at IS NULL RETURNING id, user_id"""
 
 RECORD_RUN = """
-INSERT INTO automatic_runs (started_at, ok, duration, gitlab_calls, db_seconds, counts, error)
-VALUES (to_timestamp($1), $2, $3, $4, $5, $6::jsonb, $7)"""
-LAST_RUN = """
-SELECT started_at, finished_at, ok, duration, gitlab_calls, db_seconds, counts::text AS counts, error,
+INSERT INTO automatic_runs (started_at, ok, duration, gitlab_calls, db_seconds, counts, error, actor)
+VALUES (to_timestamp($1), $2, $3, $4, $5, $6::jsonb, $7, $8)"""
+RECENT_RUNS = """
+SELECT started_at, finished_at, ok, duration, gitlab_calls, db_seconds, counts::text AS counts, error, actor,
   EXTRACT(EPOCH FROM finished_at)::float8 AS finished_epoch
-FROM automatic_runs ORDER BY finished_at DESC, id DESC LIMIT 1"""
+FROM automatic_runs ORDER BY finished_at DESC, id DESC LIMIT $1"""
+# Is the run lock held right now (by any session of this database)? A bigint advisory key shows in pg_locks
+# as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1.
+LOCK_HELD = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1
+  AND classid = $1::bigint::oid AND objid = $2::bigint::oid
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,7 @@ class Run:
     db_seconds: float
     counts: dict[str, int]
     error: str
+    actor: str
 
 
 async def try_lock(conn: asyncpg.Connection) -> bool:
@@ -190,13 +197,24 @@ async def revoke_sessions(conn: asyncpg.Connection, user_ids: list[int]) -> list
 
 
 async def record_run(conn: asyncpg.Connection | asyncpg.Pool, *, started: float, ok: bool, duration: float,
-                     gitlab_calls: int, db_seconds: float, counts: dict[str, int], error: str = "") -> None:
-    await conn.execute(RECORD_RUN, started, ok, duration, gitlab_calls, db_seconds, json.dumps(counts), error)
+                     gitlab_calls: int, db_seconds: float, counts: dict[str, int], error: str = "",
+                     actor: str = "") -> None:
+    await conn.execute(RECORD_RUN, started, ok, duration, gitlab_calls, db_seconds, json.dumps(counts), error,
+                       actor)
+
+
+async def recent_runs(conn: asyncpg.Connection | asyncpg.Pool, limit: int) -> list[Run]:
+    """The newest `limit` recorded runs, newest first."""
+    rows: Any = await conn.fetch(RECENT_RUNS, limit)
+    return [Run(r["started_at"], r["finished_at"], r["finished_epoch"], r["ok"], r["duration"], r["gitlab_calls"],
+                r["db_seconds"], json.loads(r["counts"]), r["error"], r["actor"]) for r in rows]
 
 
 async def last_run(conn: asyncpg.Connection | asyncpg.Pool) -> Run | None:
-    r: Any = await conn.fetchrow(LAST_RUN)
-    if r is None:
-        return None
-    return Run(r["started_at"], r["finished_at"], r["finished_epoch"], r["ok"], r["duration"], r["gitlab_calls"],
-               r["db_seconds"], json.loads(r["counts"]), r["error"])
+    runs = await recent_runs(conn, 1)
+    return runs[0] if runs else None
+
+
+async def run_in_progress(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
+    """Whether some connection (any replica's) holds the run lock now."""
+    return bool(await conn.fetchval(LOCK_HELD, RUN_LOCK_KEY >> 32, RUN_LOCK_KEY & 0xFFFFFFFF))

@@ -135,7 +135,8 @@ async def _run_locked(conn: asyncpg.Connection, cfg: Config, session: aiohttp.Cl
                     extra={"error": err.message, "gitlab_calls": reader.listing.calls})
         if not dry_run:
             await db_auto.record_run(conn, started=started, ok=False, duration=result.duration,
-                                     gitlab_calls=reader.listing.calls, db_seconds=0.0, counts={}, error=err.message)
+                                     gitlab_calls=reader.listing.calls, db_seconds=0.0, counts={}, error=err.message,
+                                     actor=actor)
         raise
     if progress is not None:
         progress(reader.listing)
@@ -161,7 +162,8 @@ async def _run_locked(conn: asyncpg.Connection, cfg: Config, session: aiohttp.Cl
     counts = result.plan.counts
     if not dry_run:
         await db_auto.record_run(conn, started=started, ok=True, duration=result.duration,
-                                 gitlab_calls=reader.listing.calls, db_seconds=result.db_seconds, counts=counts)
+                                 gitlab_calls=reader.listing.calls, db_seconds=result.db_seconds, counts=counts,
+                                 actor=actor)
     log.info("automatic provisioning: run done", extra={
         "dry_run": dry_run, "duration_s": round(result.duration, 3), "db_s": round(result.db_seconds, 3),
         "gitlab_calls": reader.listing.calls, "throttled": reader.listing.throttled,

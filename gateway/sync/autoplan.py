@@ -107,6 +107,26 @@ class Plan:
         }
 
 
+def report_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """A plan's JSON (`Plan.to_json`, or a run's report) as (change, what, detail) rows, in the order `gateway
+    sync --dry-run` prints them and the Provisioning page shows them."""
+    rows: list[tuple[str, str, str]] = []
+    g, u, m, s = report["groups"], report["users"], report["memberships"], report["sessions"]
+    rows += [("create group", x["name"], f"GitLab group {x['gitlab_group_id']}") for x in g["created"]]
+    rows += [("bind group", x["name"], f"GitLab group {x['gitlab_group_id']}") for x in g["bound"]]
+    rows += [("rename group", x["old"], f"-> {x['new']}") for x in g["renamed"]]
+    rows += [("create user", x["login"], f"{x['name']} (GitLab user {x['gitlab_id']})".lstrip())
+             for x in u["created"]]
+    rows += [("update user", x["login"], ", ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in x["changes"].items()))
+             for x in u["updated"]]
+    rows += [("add member", x["group"], x["login"]) for x in m["added"]]
+    rows += [("remove member", x["group"], f"{x['login']} ({x['source']})") for x in m["removed"]]
+    rows += [("revoke sessions", x["login"], f"{x['sessions']} ({x['reason']})") for x in s["revoked"]]
+    rows += [("conflict", x["group"], x["message"]) for x in g["conflicts"]]
+    rows += [("conflict", x["login"], x["message"]) for x in u["conflicts"]]
+    return rows
+
+
 def _depth_order(groups: list[TreeGroup]) -> list[TreeGroup]:
     """Parents before children (a full path's depth is its number of slashes)."""
     return sorted(groups, key=lambda g: (g.full_path.count("/"), g.full_path, g.id))
