@@ -2,8 +2,9 @@
 
 alice (member of the admin group) opens /me, creates a token, uses it with a plain HTTP client through the
 proxy, revokes it and sees the next call refused; then creates a group, adds bob, deactivates bob and finds it
-in the audit log; a cross-site form post is refused; carol (not an administrator) gets 403. Screenshots of
-every step, at desktop width and at 360 px, land in test-artifacts/pages/.
+in the audit log; a cross-site form post is refused; carol (not an administrator) gets 403. ada opens the
+Provisioning page, sees the schedule's run, plans a dry run and sees the plan, runs now and sees her run and
+its audit entry. Screenshots of every step, at desktop width and at 360 px, land in test-artifacts/pages/.
 
 The gateway runs in the test's event loop; the browser script runs in a worker thread so that the loop keeps
 serving while Selenium blocks.
@@ -62,36 +63,55 @@ async def _evil_site(public_url: str) -> TestServer:
     return server
 
 
+class Steps:
+    """What a browser script does: find, click and wait, read, and take screenshots (desktop, then 360 px,
+    noting pages that would need horizontal scrolling at 360 px)."""
+
+    def __init__(self, drv: Any) -> None:
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.drv = drv
+        self.wait = WebDriverWait(drv, 15)
+        self.seen: dict[str, Any] = {"too_wide": []}
+
+    def shot(self, name: str, narrow: bool = True) -> None:
+        self.drv.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+        if narrow:  # the same page at 360 px: nothing may need horizontal scrolling but tables
+            self.drv.set_window_size(360, 800)
+            width = self.drv.execute_script("return document.documentElement.scrollWidth")
+            self.seen["too_wide"].extend([name] if width > 380 else [])
+            self.drv.save_screenshot(str(ARTIFACTS / f"{name}-360px.png"))
+            self.drv.set_window_size(1100, 900)
+
+    def by_id(self, element_id: str) -> Any:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+
+        return self.wait.until(ec.presence_of_element_located((By.ID, element_id)))
+
+    def submit(self, button: Any) -> None:
+        """Click a button that loads a page, and wait until the new page has replaced the old one."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+
+        old = self.drv.find_element(By.TAG_NAME, "html")
+        button.click()
+        self.wait.until(ec.staleness_of(old))
+
+    def body(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return str(self.drv.find_element(By.TAG_NAME, "body").text)
+
+
 def _script(drv: Any, gw: Any, evil_url: str) -> dict[str, Any]:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    wait = WebDriverWait(drv, 15)
+    steps = Steps(drv)
+    shot, by_id, submit, body, wait = steps.shot, steps.by_id, steps.submit, steps.body, steps.wait
     base = gw.public_url
-    seen: dict[str, Any] = {}
-
-    def shot(name: str, narrow: bool = True) -> None:
-        drv.save_screenshot(str(ARTIFACTS / f"{name}.png"))
-        if narrow:  # the same page at 360 px: nothing may need horizontal scrolling but tables
-            drv.set_window_size(360, 800)
-            width = drv.execute_script("return document.documentElement.scrollWidth")
-            seen.setdefault("too_wide", []).extend([name] if width > 380 else [])
-            drv.save_screenshot(str(ARTIFACTS / f"{name}-360px.png"))
-            drv.set_window_size(1100, 900)
-
-    def by_id(element_id: str) -> Any:
-        return wait.until(ec.presence_of_element_located((By.ID, element_id)))
-
-    def submit(button: Any) -> None:
-        """Click a button that loads a page, and wait until the new page has replaced the old one."""
-        old = drv.find_element(By.TAG_NAME, "html")
-        button.click()
-        wait.until(ec.staleness_of(old))
-
-    def body() -> str:
-        return str(drv.find_element(By.TAG_NAME, "body").text)
+    seen = steps.seen
 
     # 1. /me asks for sign-in, then shows alice's account.
     drv.get(f"{base}/oauth2/me")
@@ -194,3 +214,68 @@ async def test_pages_in_a_browser(driver, gateway_factory, db):  # noqa: F811 (t
     actors = {r["action"]: r["actor"] for r in await db.fetch("SELECT action, actor FROM audit_events")}
     assert actors["group.created"] == "alice" and actors["user.deactivated"] == "alice"
     assert actors["token.created"] == "alice" and actors["token.revoked"] == "alice"
+
+
+def _provisioning_script(drv: Any, gw: Any) -> dict[str, Any]:
+    """ada opens the Provisioning page, sees the schedule's run, plans a dry run, runs now, finds her run and
+    its audit entry."""
+    from selenium.webdriver.common.by import By
+
+    steps = Steps(drv)
+    base = gw.public_url
+    drv.get(f"{base}/oauth2/admin/provisioning")
+    steps.submit(steps.by_id("sign-in-ada"))
+    runs = steps.by_id("runs").text
+    assert "the schedule" in runs and "applied" in runs and "3 users created" in runs, runs
+    assert steps.by_id("run-state").text == "no run in progress"
+    steps.shot("11-admin-provisioning")
+
+    steps.submit(steps.by_id("plan-button"))
+    assert "Nothing was changed" in steps.by_id("plan-listed").text
+    plan = steps.body()
+    assert "create user (1)" in plan and "newcomer" in plan and "<b>New</b> Comer (GitLab user 70)" in plan
+    assert "remove member (1)" in plan and "acme/platform/sre" in plan
+    drv.execute_script("arguments[0].scrollIntoView()", steps.by_id("plan-title"))
+    steps.shot("12-admin-provisioning-plan")
+
+    steps.submit(steps.by_id("run-button"))
+    assert "The run was applied" in steps.by_id("notice").text
+    newest = drv.find_elements(By.CSS_SELECTOR, "#runs tr")[1].text
+    assert "ada" in newest and "applied" in newest and "1 users created" in newest, newest
+    steps.shot("13-admin-provisioning-ran")
+
+    drv.get(f"{base}/oauth2/admin/audit")
+    steps.by_id("audit-action").send_keys("sync.automatic")
+    steps.submit(steps.by_id("audit-filter-button"))
+    first = drv.find_elements(By.CSS_SELECTOR, "#audit tr")[1].text
+    assert "sync.automatic" in first and "ada" in first and "acme" in first, first
+    steps.shot("14-admin-provisioning-audit", narrow=False)
+    return steps.seen
+
+
+async def test_provisioning_page_in_a_browser(driver, gateway_factory, gitlab, db):  # noqa: F811 (the fixture)
+    from tests.test_automatic import seed
+    from tests.test_automatic_api import AUTOMATIC, wait_for_runs
+
+    fake, _ = gitlab
+    seed(fake)
+    fake.add_user(50, "ada", name="Ada", email="ada@example.com")
+    gw = await gateway_factory(admin={"groups": ["admins"]},
+                               provisioning={**AUTOMATIC, "keep_manual_memberships": True})
+    await wait_for_runs(db, 1)  # the schedule's first run, at start
+    async with gw.admin() as admin:
+        r = await admin.post("/api/v1/users", json={"login": "ada", "name": "Ada", "email": "ada@example.com",
+                                                     "gitlab_id": 50})
+        assert r.status == 201
+        group = await (await admin.post("/api/v1/groups", json={"name": "admins"})).json()
+        assert (await admin.post(f"/api/v1/groups/{group['id']}/members", json={"login": "ada"})).status == 201
+    # GitLab moves on: bob leaves sre, a newcomer (whose name is markup) joins web.
+    fake.remove_member("bob", "acme/platform/sre")
+    fake.add_user(70, "newcomer", name="<b>New</b> Comer")
+    fake.add_member("newcomer", "acme/web")
+    script: Callable[[], dict[str, Any]] = lambda: _provisioning_script(driver, gw)  # noqa: E731
+    seen = await asyncio.to_thread(script)
+    assert seen["too_wide"] == [], f"pages wider than 360 px: {seen['too_wide']}"
+    run = await db.fetchrow("SELECT actor, ok FROM automatic_runs ORDER BY id DESC LIMIT 1")
+    assert run["actor"] == "ada" and run["ok"] is True
+    assert await db.fetchval("SELECT count(*) FROM users WHERE login = 'newcomer'") == 1
