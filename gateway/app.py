@@ -17,7 +17,6 @@ from aiohttp import web
 from gateway import keys, logs
 from gateway.access.headers import HeaderPolicy
 from gateway.access.ratelimit import RateLimiter
-from gateway.access.routes import RouteTable
 from gateway.background import Background
 from gateway.config import Config, ConfigError
 from gateway.db import DB_UNAVAILABLE
@@ -192,7 +191,6 @@ def create_public_app(cfg: Config, dsn: str, *, readiness: Readiness | None = No
     app = _base_app(cfg, dsn, readiness or Readiness(), metrics or Metrics())
     app[COUNT_REQUESTS] = True
     app[keys.HEADER_POLICY] = HeaderPolicy.from_config(cfg)
-    app[keys.ROUTES] = RouteTable.from_config(cfg.routes.public, cfg.routes.api)
     app[keys.ACCESS] = access.Access.from_config(cfg, app[keys.HEADER_POLICY])
     app[access.SIGNER] = app[keys.ACCESS].signer
     app[keys.SIGNIN_LIMITER] = RateLimiter(cfg.server.signin_rate.count, cfg.server.signin_rate.period)

@@ -11,7 +11,6 @@ from aiohttp import web
 if TYPE_CHECKING:
     from gateway.access.headers import HeaderPolicy
     from gateway.access.ratelimit import RateLimiter
-    from gateway.access.routes import RouteTable
     from gateway.background import Background
     from gateway.config import Config
     from gateway.identity import Anonymous, Identity
@@ -27,7 +26,6 @@ GITLAB: web.AppKey[GitLabClient] = web.AppKey("gitlab")
 SESSIONS: web.AppKey[SessionStore] = web.AppKey("sessions")
 UPSTREAM_HTTP = web.AppKey("upstream_http", aiohttp.ClientSession)
 HEADER_POLICY: web.AppKey[HeaderPolicy] = web.AppKey("header_policy")
-ROUTES: web.AppKey[RouteTable] = web.AppKey("routes")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 BACKGROUND: web.AppKey[Background] = web.AppKey("background")
 ACCESS: web.AppKey[Access] = web.AppKey("access")  # SPEC §13: policy, upstream routing, signer

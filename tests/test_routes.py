@@ -1,4 +1,5 @@
-"""Route rules (SPEC §3 routes.*, §4): parsing, path normal form, classification no path trick can bend."""
+"""Route rules (SPEC §3 routes.*, §4): parsing, path normal form, and `routes.public` / `routes.api` as the
+policy reads them (its first rules, access/policy.py), which no path trick can bend."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.access.routes import RouteTable, normalized_path, parse_rule
+from gateway.access.policy import Policy
+from gateway.access.routes import normalized_path, parse_rule
 
 
 @pytest.mark.parametrize(
@@ -84,7 +86,21 @@ def test_paths_not_in_normal_form_are_refused(raw: str) -> None:
     assert normalized_path(raw) is None
 
 
-TABLE = RouteTable.from_config(public=["^/public/", "GET=^/static/", "^/health$"], api=["^/api/"])
+def routes(public: list[str], api: list[str], *, cache_size: int = 4096) -> Policy:
+    """The policy of a configuration holding only `routes.public` and `routes.api` (no `policy:`)."""
+    return Policy(Policy.from_config(public, api, ()).rules, cache_size=cache_size)
+
+
+def classify(policy: Policy, method: str, raw: str) -> str:
+    """What an anonymous request gets: public (allowed), api (401 JSON) or protected (sent to sign in)."""
+    decision = policy.decide(method, None, raw, None)
+    if decision.outcome == "allow":
+        return "public"
+    assert decision.outcome == "sign_in", decision
+    return "api" if decision.api else "protected"
+
+
+TABLE = routes(public=["^/public/", "GET=^/static/", "^/health$"], api=["^/api/"])
 
 
 @pytest.mark.parametrize(
@@ -118,8 +134,9 @@ TABLE = RouteTable.from_config(public=["^/public/", "GET=^/static/", "^/health$"
         ("GET", "/public/..\\private", "protected"),
         ("GET", "//public/x", "protected"),
         ("GET", "/public//x", "protected"),
-        ("GET", "/api/../public/x", "protected"),
-        ("GET", "/api//v1", "protected"),
+        # Never public; refused the API way (401 JSON), as one way a server could read them is under /api/.
+        ("GET", "/api/../public/x", "api"),
+        ("GET", "/api//v1", "api"),
         ("GET", "http://evil.example/public/x", "protected"),
         # SPEC §16: "%25" is not normal form (a hop that decodes twice sees "/public/../private").
         ("GET", "/public/%252e%252e/private", "protected"),
@@ -127,28 +144,33 @@ TABLE = RouteTable.from_config(public=["^/public/", "GET=^/static/", "^/health$"
     ],
 )
 def test_classify(method: str, raw: str, expected: str) -> None:
-    assert TABLE.classify(method, raw) == expected
-    assert TABLE.classify(method, raw) == expected  # the cached answer is the same answer
+    assert classify(TABLE, method, raw) == expected
+    assert classify(TABLE, method, raw) == expected  # the cached answer is the same answer
 
 
 def test_long_paths_are_classified_without_the_cache() -> None:
+    table = routes(public=["^/public/"], api=[])
     long_public = "/public/" + "a" * 4000
-    assert TABLE.classify("GET", long_public) == "public"
-    assert TABLE.classify("GET", long_public + "/../../x") == "protected"
+    assert classify(table, "GET", long_public) == "public"
+    assert classify(table, "GET", long_public + "/../../x") == "protected"
+    # Hostile unique long URLs are not remembered: the per-process cache stays empty.
+    assert table._cached.cache_info().currsize == 0  # type: ignore[attr-defined]
+    classify(table, "GET", "/public/short")
+    assert table._cached.cache_info().currsize == 1  # type: ignore[attr-defined]
 
 
 def test_a_tiny_cache_still_answers_correctly() -> None:
-    table = RouteTable([parse_rule("^/public/")], [], cache_size=2)
+    table = routes(["^/public/"], [], cache_size=2)
     for _ in range(3):
         for i in range(5):
-            assert table.classify("GET", f"/public/{i}") == "public"
-            assert table.classify("GET", f"/private/{i}") == "protected"
+            assert classify(table, "GET", f"/public/{i}") == "public"
+            assert classify(table, "GET", f"/private/{i}") == "protected"
 
 
 def test_without_rules_everything_is_protected() -> None:
-    table = RouteTable([], [])
-    assert table.classify("GET", "/public/x") == "protected"
-    assert table.classify("GET", "/") == "protected"
+    table = routes([], [])
+    assert classify(table, "GET", "/public/x") == "protected"
+    assert classify(table, "GET", "/") == "protected"
 
 
 _SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.~", min_size=1, max_size=8)
@@ -162,11 +184,12 @@ def test_an_encoded_separator_never_rides_a_public_rule(before: list[str], after
     (we would match the decoded path while the upstream may split segments differently)."""
     path = "/public/" + "/".join(before) + separator + "/".join(after)
     assert normalized_path(path) is None
-    assert TABLE.classify(method, path) == "protected"
+    assert classify(TABLE, method, path) != "public"
 
 
 # ---- properties (hypothesis) ------------------------------------------------------------------------------
 
+PUBLIC_ONLY = routes(public=["^/public/"], api=[])
 _PATH_PIECES = ["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "%25", "%252e", "%", "%41", "%c3%a9", "%00",
                 "\\", ";", "public", "private", "x", "?", "#", "\t", " ", "\u00e9"]
 
@@ -179,8 +202,7 @@ def test_a_public_path_is_in_normal_form_and_its_decoding_is_stable(raw: str) ->
     it as another path (SPEC §4, §16)."""
     from urllib.parse import unquote
 
-    table = RouteTable.from_config(public=["^/public/"], api=[])
-    if table.classify("GET", "/public/" + raw) != "public":
+    if classify(PUBLIC_ONLY, "GET", "/public/" + raw) != "public":
         return
     path = normalized_path("/public/" + raw)
     assert path is not None and path.startswith("/public/")

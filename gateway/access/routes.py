@@ -1,20 +1,16 @@
-"""Route rules (SPEC §3 `routes.*`, §4): which requests are public, which are API calls, which need a session.
+"""Route rule syntax (SPEC §3 `routes.*`) and the path normal form (SPEC §4, §16), used by the policy
+(access/policy.py, which reads `routes.*` as its first rules) and by redirect validation.
 
 Rules match the percent-decoded PATH only, and only when that path is already in normal form. Anything a
-server behind us might read differently from us (dot segments, `//`, backslashes, encoded separators) is
-treated as protected, so a crafted path can never ride a public rule into a private page.
+server behind us might read differently from us (dot segments, `//`, backslashes, encoded separators) is not
+in normal form, so a crafted path can never ride a public rule into a private page.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Literal
 from urllib.parse import unquote
-
-RouteClass = Literal["public", "api", "protected"]
 
 # Upper-case letters only: "GET=^/static/". A lower-case prefix is almost certainly a typo for a method, and a
 # rule that silently never matches is worse than an error at start-up.
@@ -29,8 +25,6 @@ _ENCODED_FORBIDDEN = re.compile(r"%(?:2[fF5]|5[cC]|[01][0-9a-fA-F]|7[fF]|(?![0-9
 # An empty segment ("//"), or a dot segment, also with ";params" that servlet containers drop before resolving
 # dots ("/public/..;/private" climbs out too).
 _NOT_NORMAL = re.compile(r"//|/\.\.?(?:;[^/]*)?(?:/|\Z)")
-# Paths longer than this are classified without caching, so hostile unique URLs cannot bloat the cache.
-_MAX_CACHED_PATH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,37 +72,3 @@ def normalized_path(raw_path: str) -> str | None:
         except UnicodeDecodeError:
             return None  # overlong or broken UTF-8 is a classic way to smuggle '.' or '/'
     return None if _NOT_NORMAL.search(path) else path
-
-
-class RouteTable:
-    """Classifies requests as public, api or protected, remembering recent answers."""
-
-    def __init__(
-        self, public: Iterable[RouteRule], api: Iterable[RouteRule], *, cache_size: int = 4096
-    ) -> None:
-        self._public = tuple(public)
-        self._api = tuple(api)
-        self._cached: Callable[[str, str], RouteClass] = lru_cache(maxsize=cache_size)(self._classify)
-
-    @classmethod
-    def from_config(cls, public: Iterable[str], api: Iterable[str]) -> RouteTable:
-        """Build from the `routes.public` / `routes.api` strings (already validated by config)."""
-        return cls([parse_rule(r) for r in public], [parse_rule(r) for r in api])
-
-    def classify(self, method: str, raw_path: str) -> RouteClass:
-        """Which kind of route this request is; a path not in normal form is always protected."""
-        if not self._public and not self._api:
-            return "protected"
-        if len(raw_path) > _MAX_CACHED_PATH:
-            return self._classify(method, raw_path)
-        return self._cached(method, raw_path)
-
-    def _classify(self, method: str, raw_path: str) -> RouteClass:
-        path = normalized_path(raw_path)
-        if path is None:
-            return "protected"
-        if any(rule.matches(method, path) for rule in self._public):
-            return "public"
-        if any(rule.matches(method, path) for rule in self._api):
-            return "api"
-        return "protected"
