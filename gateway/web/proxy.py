@@ -1,16 +1,18 @@
 """The catch-all (SPEC §4, §7): authenticate from the session cache, then relay to the upstream.
 
-Request and response bodies stream both ways: the request body is handed to the upstream client as an
-async iterator (chunked when the client sent no Content-Length, the client's Content-Length kept when it
-did), and the response is copied chunk by chunk as it arrives (server-sent events flush at once). The one
-exception is a small response of known length, answered with a plain `web.Response` because that is much
-cheaper than a streamed one and holds at most SMALL_BODY bytes.
+Plain HTTP goes through upstream_client.py (a keep-alive pool per upstream, heads written in one write,
+responses parsed by llhttp); WebSockets through aiohttp's client. Request and response bodies stream both ways:
+the request body is read from the client chunk by chunk and written upstream, each chunk drained before the
+next is read (chunked when the client sent no Content-Length, the client's Content-Length kept when it did);
+the response is copied as it arrives (server-sent events flush at once), the upstream's reading paused while
+the client is slower. The one exception is a small response of known length, answered with a plain
+`web.Response` because that is much cheaper than a streamed one and holds at most SMALL_BODY bytes.
 
 Timeouts:
-- `upstream.connect_timeout` bounds opening a TCP connection (aiohttp's ClientTimeout.sock_connect); failing
+- `upstream.connect_timeout` bounds opening a TCP connection (a timer only then, never per request); failing
   it is a 502, like a refused connection.
 - `upstream.timeout` bounds the wait for the response headers, counted once the request body is sent
-  (SPEC §3). aiohttp's sock_read cannot express that (it also runs between body reads, and would cut
+  (SPEC §3). A read timeout cannot express that (it also runs between body reads, and would cut
   quiet server-sent event streams), so the request carries its own deadline (see Deadlines): armed from the
   start (covering name resolution, connect, and the wait for the first body chunk to be asked for), lifted
   while we wait for the CLIENT's next body chunk (the client's pace is not the upstream's fault), armed
@@ -22,8 +24,8 @@ Reusing upstream connections: keepalive.py honours the upstream's advertised `Ke
 when a request that died with a reused connection may be sent again.
 
 The client going away: aiohttp cancels the handler (handler_cancellation, see server.py; aiohttp's
-TestServer does the same); the upstream request is then abandoned, or the upstream response released
-unread, which closes its connection, so the upstream sees it drop. A write to a client that has gone
+TestServer does the same); the upstream connection of a request not relayed to its end is closed, never
+pooled, so the upstream sees it drop. A write to a client that has gone
 raises ConnectionResetError, with the same effect.
 
 WebSockets (`upstream.websockets: true`): an authenticated upgrade is relayed message by message (text,
@@ -37,13 +39,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -58,6 +60,8 @@ from gateway.sessions.store import SessionStore
 from gateway.web import keepalive
 from gateway.web.access import Access, refuse, unknown_host
 from gateway.web.pages import NO_STORE
+from gateway.web.upstream_client import UpstreamPool, request_head
+from gateway.web.upstream_protocol import ConnectionDied, UpstreamConnection, UpstreamFailure
 
 log = logging.getLogger("gateway.proxy")
 
@@ -65,18 +69,12 @@ log = logging.getLogger("gateway.proxy")
 # a streamed response (shared/anchors: with the one-cookie read, what took an authenticating aiohttp proxy
 # from about 0.7x to 0.9x of a bare one); everything else streams.
 SMALL_BODY = 64 * 1024
-# Idle upstream connections are dropped before the usual 5 s keep-alive of upstream servers (uvicorn, Node),
-# so a request rarely lands on a connection the upstream is closing at that very moment.
-UPSTREAM_KEEPALIVE = 4.0
 # A WebSocket message is held whole by the relay: cap it so one client cannot exhaust the gateway's memory.
 WS_MAX_MESSAGE = 64 * 1024 * 1024
 # How often overdue upstream requests are looked for: `upstream.timeout` fires up to this much late.
 SWEEP_INTERVAL = 0.1
 # How long each side may take to answer a close frame before its connection is simply dropped.
 WS_CLOSE_TIMEOUT = 10.0
-# Headers aiohttp's client adds unless told otherwise; a proxy must not invent them (see UpstreamRequest).
-_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_CONTENT_TYPE_METHODS = frozenset(aiohttp.ClientRequest.POST_METHODS)
 # Close codes that may appear in a close frame (RFC 6455 §7.4); others become 1000.
 _SENDABLE_CLOSE = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015)])
 
@@ -86,7 +84,8 @@ class Proxy:
     """What the catch-all needs on every request, looked up once per app: one per upstream (SPEC §13), each
     with its own connection pool."""
 
-    http: aiohttp.ClientSession
+    pool: UpstreamPool  # plain HTTP (upstream_client.py)
+    http: aiohttp.ClientSession  # WebSockets only
     base: str  # upstream.url without a trailing slash; the client's raw path is appended as sent
     upstream_host: str
     timeout: float
@@ -109,12 +108,10 @@ PROXIES: web.AppKey[tuple[Proxy, ...]] = web.AppKey("proxies")
 
 
 def make_session(upstream: UpstreamConfig) -> aiohttp.ClientSession:
-    """An upstream's ClientSession: no cookie jar, no decompression, no redirects followed, no pool cap."""
-    connector = keepalive.UpstreamConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
-    # sock_connect, not connect: it costs a timer only when a connection is opened, not on every request
-    # (with no pool limit, `connect` would only add the wait for a pooled connection, which never happens).
+    """An upstream's ClientSession for WebSockets: no cookie jar, no decompression, no pool cap (an upgraded
+    connection is never pooled anyway)."""
     return aiohttp.ClientSession(
-        connector=connector, request_class=UpstreamRequest, response_class=keepalive.UpstreamResponse,
+        connector=aiohttp.TCPConnector(limit=0),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout),
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
@@ -127,7 +124,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     for target in access.table.targets:
         up = target.route.upstream
         proxies.append(Proxy(
-            http=make_session(up), base=target.base, upstream_host=urlsplit(up.url).netloc,
+            pool=UpstreamPool(up.url, connect_timeout=up.connect_timeout), http=make_session(up),
+            base=target.base, upstream_host=urlsplit(up.url).netloc,
             timeout=up.timeout, pass_host_header=up.pass_host_header, websockets=up.websockets,
             prefix=cfg.server.prefix, policy=app[keys.HEADER_POLICY], access=access, strip=target.strip,
             audience=up.url, sessions=app[keys.SESSIONS], metrics=app[keys.METRICS], deadlines=deadlines))
@@ -140,6 +138,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
     for proxy in proxies:
+        await proxy.pool.close()
         await proxy.http.close()
 
 
@@ -191,8 +190,15 @@ def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | A
     return headers
 
 
+def _path(proxy: Proxy, raw_path: str) -> str:
+    """The request target as the upstream gets it (after the upstream URL's own path): as the client sent it,
+    less `strip_prefix` and any fragment."""
+    path = strip_path(proxy.strip, raw_path) if proxy.strip else raw_path
+    return path.partition("#")[0] if "#" in path else path
+
+
 def _target(proxy: Proxy, raw_path: str) -> URL:
-    return URL(proxy.base + (strip_path(proxy.strip, raw_path) if proxy.strip else raw_path), encoded=True)
+    return URL(proxy.base + _path(proxy, raw_path), encoded=True)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------
@@ -266,105 +272,135 @@ class _BodyPacer:
     def disarm(self) -> None:
         self.deadlines.clear(self.task)
 
-    async def body(self, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-        """The client's body, chunk by chunk as it arrives, moving the deadline as it goes."""
-        while True:
-            self.disarm()  # waiting for the client: its pace is not the upstream's fault
-            chunk = await content.readany()
-            if not chunk:
-                break
-            self.started = True
-            self.arm()  # the upstream must take this chunk in time
-            yield chunk
-        self.arm()  # all sent: the headers are due within `seconds`
+    async def upload(self, conn: UpstreamConnection, content: StreamReader, chunked: bool) -> None:
+        """The client's body to the upstream, chunk by chunk as it arrives, moving the deadline as it goes;
+        each chunk is written and drained before the next is read (the slower side sets the pace)."""
+        try:
+            while True:
+                self.disarm()  # waiting for the client: its pace is not the upstream's fault
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                self.started = True
+                self.arm()  # the upstream must take this chunk in time
+                conn.write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")) if chunked else chunk)
+                await conn.drain()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+            conn.request_sent()
+            self.arm()  # all sent: the headers are due within `seconds`
+        except BaseException:
+            self.started = True  # whatever went up is gone: never sent again
+            conn.abort()
+            raise
 
 
-class UpstreamRequest(aiohttp.ClientRequest):
-    """aiohttp's client request without the headers it invents (Accept, Accept-Encoding, User-Agent): the
-    upstream gets what the client sent. An Accept-Encoding the client never sent would make the upstream
-    compress, and bodies pass through undecoded."""
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        # Given only when a Content-Type must not be invented either (_relay_http): then aiohttp's own
-        # logic records the set, and adds nothing since every default is in it.
-        if skip_auto_headers is not None:
-            super().update_auto_headers(skip_auto_headers)
+_NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
 
 
 async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | Anonymous, *,
                       strip_websocket: bool = False) -> web.StreamResponse:
-    incoming = request.headers
     headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
-    url = _target(proxy, request.raw_path)
     method = request.method
     has_body = request.body_exists
-    # aiohttp labels a body without Content-Type (and any POST/PUT/PATCH) application/octet-stream.
-    skip = _NO_AUTO_HEADERS if (has_body or method in _CONTENT_TYPE_METHODS) and (
-        "Content-Type" not in incoming) else None
+    chunked = False
+    if has_body:
+        if "Content-Length" not in headers:  # the client's own length is kept; else the body is chunked
+            headers["Transfer-Encoding"] = "chunked"
+            chunked = True
+    elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+        headers["Content-Length"] = "0"  # what aiohttp's client sent: some servers refuse a bodiless POST without
+    pool = proxy.pool
+    head = request_head(method, pool.path + _path(proxy, request.raw_path), headers.items())
     task = asyncio.current_task()
     assert task is not None
     deadlines = proxy.deadlines
     loop = asyncio.get_running_loop()
     started = loop.time()
-    # Armed from the start (DNS, connect, the first chunk); with a body, the pacer moves it as it goes.
+    # Armed from the start (connect, the first chunk); with a body, the pacer moves it as it goes.
     deadlines.set(task, started + proxy.timeout)
     pacer = _BodyPacer(deadlines, task, proxy.timeout) if has_body else None
+    conn: UpstreamConnection | None = None
+    upload: asyncio.Future[None] | None = None
 
-    async def send() -> aiohttp.ClientResponse:
-        return await proxy.http.request(
-            method, url, headers=headers, data=pacer.body(request.content) if pacer else None,
-            allow_redirects=False, skip_auto_headers=skip)
+    async def send(conn: UpstreamConnection) -> asyncio.Future[None] | None:
+        conn.start(head, is_head=method == "HEAD", has_body=has_body)
+        sending = asyncio.ensure_future(pacer.upload(conn, request.content, chunked)) if pacer else None
+        try:
+            await conn.response()
+        except BaseException:
+            if sending is not None:
+                await _cancelled(sending)
+            raise
+        return sending
 
     try:
         try:
-            up = await send()
-        except keepalive.CONNECTION_DIED as exc:
-            if not keepalive.may_retry(method, body_started=pacer is not None and pacer.started):
-                raise
-            # A reused connection the upstream was closing, and nothing of the request consumed: once more.
-            log.info("upstream closed a reused connection under a request; sending it again",
-                     extra={"cause": _describe(exc)})
-            up = await send()
-    except asyncio.CancelledError:
-        if deadlines.expired(task):
-            task.uncancel()
-            err: UpstreamError | UpstreamTimeout = UpstreamTimeout(
-                f"No response from the application within {proxy.timeout:g} seconds")
-            err.cause = f"no response headers from {proxy.upstream_host} within upstream.timeout"
-            raise err from None
-        raise
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # TimeoutError: aiohttp's sock_connect
-        raise _upstream_error(proxy, "request", exc) from None
+            try:
+                conn = await pool.acquire()
+                upload = await send(conn)
+            except ConnectionDied as exc:
+                if not keepalive.may_retry(reused=exc.reused, answered=exc.answered,
+                                           body_started=pacer is not None and pacer.started):
+                    raise
+                # A reused connection the upstream was closing, and nothing of the request consumed: once more.
+                log.info("upstream closed a reused connection under a request; sending it again",
+                         extra={"cause": str(exc)})
+                conn = await pool.connect()
+                upload = await send(conn)
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.abort()
+            if deadlines.expired(task):
+                task.uncancel()
+                err: UpstreamError | UpstreamTimeout = UpstreamTimeout(
+                    f"No response from the application within {proxy.timeout:g} seconds")
+                err.cause = f"no response headers from {proxy.upstream_host} within upstream.timeout"
+                raise err from None
+            raise
+        except (UpstreamFailure, OSError) as exc:
+            if conn is not None:
+                conn.abort()
+            raise _upstream_error(proxy, "request", exc) from None
+        finally:
+            if pacer is not None:
+                pacer.waiting = False
+            deadlines.done(task)
+        proxy.metrics.upstream(loop.time() - started)
+        return await _respond(proxy, request, conn)
     finally:
-        if pacer is not None:
-            pacer.waiting = False
-        deadlines.done(task)
-    proxy.metrics.upstream(loop.time() - started)
-    try:
-        return await _respond(proxy, request, up)
-    finally:
-        up.release()  # a response not read to its end closes its connection instead of pooling it
+        if upload is not None and not upload.done():
+            await _cancelled(upload)  # the upstream answered without taking the whole body
+        if conn is not None and conn.busy:
+            conn.abort()  # a response not relayed to its end closes its connection instead of pooling it
 
 
-async def _respond(proxy: Proxy, request: web.Request, up: aiohttp.ClientResponse) -> web.StreamResponse:
-    status = up.status
-    headers = proxy.policy.response_headers(up.headers)
-    length = up.content_length
+async def _cancelled(task: asyncio.Future[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
+async def _respond(proxy: Proxy, request: web.Request, conn: UpstreamConnection) -> web.StreamResponse:
+    status = conn.status
+    headers = proxy.policy.response_headers(CIMultiDict(conn.headers))
+    length = conn.content_length
     if (length is not None and length <= SMALL_BODY) or request.method == "HEAD" or status in (204, 304):
         try:
-            body = await up.read()
-        except (aiohttp.ClientError, OSError) as exc:
+            body = await conn.read_all()
+        except UpstreamFailure as exc:
             raise _upstream_error(proxy, "response body", exc) from None
+        conn.finish()
         return web.Response(status=status, headers=headers, body=body)
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(request)
     try:
-        async for chunk in up.content.iter_any():
+        while chunk := await conn.read():
             await response.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+    except UpstreamFailure as exc:
         # Headers are gone: the only honest signal left is to cut the connection, so the client sees a
         # truncated body instead of a complete-looking one.
-        up.close()
+        conn.abort()
         cause = f"{proxy.upstream_host}: {_describe(exc)}"
         # The access log line says so too: the status it shows was sent, the body was not.
         request[keys.OUTCOME] = "truncated"
@@ -372,6 +408,7 @@ async def _respond(proxy: Proxy, request: web.Request, up: aiohttp.ClientRespons
         if request.transport is not None:
             request.transport.close()
         return response
+    conn.finish()
     await response.write_eof()
     return response
 
