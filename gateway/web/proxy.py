@@ -392,6 +392,8 @@ async def _respond(proxy: Proxy, request: web.Request, conn: UpstreamConnection)
             raise _upstream_error(proxy, "response body", exc) from None
         conn.finish()
         return web.Response(status=status, headers=headers, body=body)
+    if conn.failed is not None:  # nothing sent yet: the client may still get an honest 502
+        raise _upstream_error(proxy, "response body", conn.failed)
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(request)
     try:

@@ -140,6 +140,11 @@ class UpstreamConnection(asyncio.Protocol):
             waiter = self._drain_waiter = self.loop.create_future()
             await waiter
 
+    @property
+    def failed(self) -> UpstreamFailure | None:
+        """The failure that ended the exchange, if one did (a body may fail before the relay reads it)."""
+        return self._error
+
     def request_sent(self) -> None:
         self._request_done = True
 
