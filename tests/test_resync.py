@@ -227,6 +227,39 @@ async def test_two_gateways_never_refresh_the_same_token_twice(gateway_factory: 
     assert await db.fetchval("SELECT count(*) FROM gitlab_grants WHERE refresh_token IS NULL") == 0
 
 
+async def test_a_slow_recheck_does_not_hold_up_the_others(gateway_factory: Any, db: asyncpg.Pool) -> None:
+    """One re-check stuck (here on a row lock this test holds, as behind a slow GitLab or database) takes one
+    of the scheduler's slots, not the scheduler: a user blocked in GitLab meanwhile still loses access within
+    resync_interval plus the second a revocation takes (SPEC §11)."""
+    interval, propagation = 2.0, 1.0
+    gw = await started(gateway_factory, db, resync_interval=f"{interval:g}s", resync_grace="1h")
+    gw.fake.add_user(11, "bob")
+    async with gw.browser() as alice, gw.browser() as bob:
+        await alice.sign_in("alice")
+        await bob.sign_in("bob")
+        async with db.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM users WHERE login = 'bob' FOR UPDATE")
+            await a_recheck_waits_for_a_lock(db, 3 * interval)  # bob's re-check read GitLab and now waits
+            gw.fake.set_user_state("alice", "blocked")
+            blocked = time.monotonic()
+            while await status(alice) != 401:
+                assert time.monotonic() - blocked < interval + propagation, "a blocked user still gets in"
+                await asyncio.sleep(0.05)
+        assert await status(bob) == 200
+    assert await db.fetchval("SELECT failures FROM gitlab_grants g JOIN users u ON u.id = g.user_id "
+                             "WHERE login = 'bob'") == 0
+
+
+async def a_recheck_waits_for_a_lock(db: asyncpg.Pool, within: float) -> None:
+    """Until some transaction of the gateway waits for a lock (one this test holds)."""
+    await wait_until(lambda: _waiting(db), timeout=within, what="no re-check came to wait for the lock")
+
+
+async def _waiting(db: asyncpg.Pool) -> bool:
+    return bool(await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND datname = current_database()"))
+
+
 # ---- renames ---------------------------------------------------------------------------------------------
 
 async def test_a_renamed_gitlab_group_keeps_its_members_and_the_local_group_follows(gateway_factory: Any,

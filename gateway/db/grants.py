@@ -23,6 +23,7 @@ ON CONFLICT (user_id) DO UPDATE SET
   refresh_token = EXCLUDED.refresh_token, next_sync_at = EXCLUDED.next_sync_at, confirmed_at = now(),
   failures = 0, last_error = '', lease_owner = NULL, lease_until = NULL, updated_at = now()"""
 # Due rows not leased by anyone alive, oldest due first. The partial index gitlab_grants_due serves this.
+# Whether the user still has an active session comes back with the claim: no extra round trip per re-check.
 CLAIM_DUE = f"""
 UPDATE gitlab_grants g SET lease_owner = $1, lease_until = now() + make_interval(secs => $2),
   claimed_at = clock_timestamp()
@@ -31,7 +32,13 @@ WHERE g.user_id IN (
   WHERE next_sync_at <= now() AND (lease_until IS NULL OR lease_until < now())
   ORDER BY next_sync_at LIMIT $3
   FOR UPDATE SKIP LOCKED)
-RETURNING {COLUMNS}"""
+RETURNING {COLUMNS}, EXISTS (SELECT 1 FROM sessions s WHERE s.user_id = g.user_id AND s.revoked_at IS NULL
+                             AND s.expires_at > now()) AS has_session"""
+# Seconds until the next row falls due (NULL: none is scheduled): the scheduler sleeps exactly that long.
+# The same partial index answers it with one entry, whatever the size of the table.
+NEXT_DUE = """
+SELECT EXTRACT(EPOCH FROM min(next_sync_at) - clock_timestamp())::float8 FROM gitlab_grants
+WHERE next_sync_at > now()"""
 # One user now (a webhook, the admin call): only when nobody else holds a live lease on it.
 CLAIM_ONE = f"""
 UPDATE gitlab_grants g SET lease_owner = $2, lease_until = now() + make_interval(secs => $3),
@@ -42,17 +49,24 @@ RETURNING {COLUMNS}"""
 # Inside the transaction that applies a re-check: the row, if our lease still holds it.
 HELD = f"SELECT {COLUMNS} FROM gitlab_grants WHERE user_id = $1 AND lease_owner = $2 FOR UPDATE"
 BY_USER = f"SELECT {COLUMNS} FROM gitlab_grants WHERE user_id = $1"
-# A re-check requested while this one ran (a webhook) keeps its earlier due time.
-_NEXT = """CASE WHEN next_sync_at > claimed_at THEN next_sync_at ELSE now() + make_interval(secs => $3) END"""
+# A re-check requested while this one ran (a webhook) keeps its earlier due time; otherwise the next one is due
+# `interval` after this one STARTED (claimed_at, just before GitLab was asked): GitLab's answer is never older
+# than the interval when the next re-check begins, however long this one took to write.
+_NEXT = "CASE WHEN next_sync_at > claimed_at THEN next_sync_at ELSE {base} + make_interval(secs => $2) END"
 SUCCEEDED = f"""
-UPDATE gitlab_grants SET refresh_token = $2, next_sync_at = {_NEXT},
+UPDATE gitlab_grants SET next_sync_at = {_NEXT.format(base="claimed_at")},
   confirmed_at = now(), failures = 0, last_error = '', lease_owner = NULL, lease_until = NULL, updated_at = now()
 WHERE user_id = $1"""
-# A transient failure: the (possibly rotated) token is kept, the next attempt is pushed back.
+# A transient failure: the next attempt is pushed back from now (the refresh token is saved on its own, ROTATED).
 FAILED = f"""
-UPDATE gitlab_grants SET refresh_token = $2, next_sync_at = {_NEXT},
-  failures = failures + 1, last_error = $4, lease_owner = NULL, lease_until = NULL, updated_at = now()
+UPDATE gitlab_grants SET next_sync_at = {_NEXT.format(base="now()")},
+  failures = failures + 1, last_error = $3, lease_owner = NULL, lease_until = NULL, updated_at = now()
 WHERE user_id = $1"""
+# GitLab rotated the refresh token: the new one replaces exactly the one presented, in a statement of its own
+# right after the refresh (before any other work), so a database failure later in the re-check cannot lose it.
+# No row: the grant was replaced meanwhile (a new sign-in), and the rotated token belongs to nobody.
+ROTATED = """
+UPDATE gitlab_grants SET refresh_token = $3, updated_at = now() WHERE user_id = $1 AND refresh_token = $2"""
 # The grant is gone (GitLab refused it, or the user was refused): nothing more to re-check until a sign-in.
 DROPPED = """
 UPDATE gitlab_grants SET refresh_token = NULL, next_sync_at = NULL, confirmed_at = NULL, last_error = $2,
@@ -84,11 +98,12 @@ class Grant:
     last_error: str
     lease_owner: str | None
     lease_until: datetime | None
+    has_session: bool = True  # only read by a claim: the user still has an active session
 
     @classmethod
     def from_record(cls, r: asyncpg.Record) -> Grant:
         return cls(r["user_id"], r["refresh_token"], r["next_sync_at"], r["confirmed_at"], r["failures"],
-                   r["last_error"], r["lease_owner"], r["lease_until"])
+                   r["last_error"], r["lease_owner"], r["lease_until"], r.get("has_session", True))
 
     @property
     def state(self) -> str:
@@ -131,12 +146,23 @@ async def by_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: int) -> Gran
     return Grant.from_record(r) if r else None
 
 
-async def succeeded(conn: asyncpg.Connection, user_id: int, encrypted: str, *, interval: float) -> None:
-    await conn.execute(SUCCEEDED, user_id, encrypted, interval)
+async def succeeded(conn: asyncpg.Connection, user_id: int, *, interval: float) -> None:
+    await conn.execute(SUCCEEDED, user_id, interval)
 
 
-async def failed(conn: asyncpg.Connection, user_id: int, encrypted: str, *, retry_in: float, error: str) -> None:
-    await conn.execute(FAILED, user_id, encrypted, retry_in, error[:500])
+async def failed(conn: asyncpg.Connection, user_id: int, *, retry_in: float, error: str) -> None:
+    await conn.execute(FAILED, user_id, retry_in, error[:500])
+
+
+async def rotated(conn: asyncpg.Connection | asyncpg.Pool, user_id: int, presented: str, encrypted: str) -> bool:
+    """Replace the refresh token `presented` (encrypted) by its successor; False when it was replaced meanwhile."""
+    return str(await conn.execute(ROTATED, user_id, presented, encrypted)).endswith(" 1")
+
+
+async def next_due(conn: asyncpg.Connection) -> float | None:
+    """Seconds until the next scheduled re-check of any user (None: none is scheduled)."""
+    seconds: float | None = await conn.fetchval(NEXT_DUE)
+    return seconds
 
 
 async def dropped(conn: asyncpg.Connection, user_id: int, reason: str) -> None:

@@ -3,17 +3,24 @@
 Every process runs one `Resyncer.run` loop. Due users are claimed in PostgreSQL with a lease
 (db/grants.py: `FOR UPDATE SKIP LOCKED`, an owner and an expiry), so N replicas re-check each user once and a
 refresh token is only ever presented by the one claimant; a claimant that dies lets its lease run out and
-another process picks the user up. GitLab is called with no database connection held; the outcome (the
-rotated refresh token included) is then written in ONE transaction that first checks the lease still holds.
+another process picks the user up. A user is claimed only when one of the process's CONCURRENCY slots is free,
+and the next re-check is due `resync_interval` after the previous one began; the loop sleeps until exactly then.
+GitLab is called with no database connection held. GitLab rotates the refresh token at each refresh: the new
+one is saved at once, in a statement of its own; the rules are then applied in ONE transaction that first
+checks the lease still holds.
 
 Outcomes: GitLab refuses the grant, the account is no longer active, or the user left the allowed groups ->
 every session revoked everywhere (NOTIFY), audited `session.revoked` with the reason, the grant dropped
 (sync_state no_grant); the user row is not deactivated. Transient GitLab trouble (unreachable, 5xx, timeout,
 429) -> nothing changes but the schedule: exponential backoff honouring Retry-After. Requests of a user whom
 GitLab has not confirmed for resync_interval + resync_grace get a 503 (sessions/store.py decides that from the
-cached identity; the proxied path never waits for a re-check). A refresh made just before the database failed
-leaves GitLab with a rotated token we could not save: the next attempt gets invalid_grant and ends in no_grant,
-never in a loop.
+cached identity; the proxied path never waits for a re-check).
+
+The database failing during a re-check: nothing is half-applied, and the re-check is remembered in memory
+(`Unsettled`) with GitLab's rotated token if it could not be saved; once the database answers, the loop's next
+turn saves that token and ends the lease, and the user is re-checked soon with the newest token. (Only a
+process that dies holding an unsaved token loses it: the next attempt gets invalid_grant, as when the user
+revokes the application.)
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import asyncpg
@@ -50,8 +57,7 @@ from gateway.sync.gitlab import GitLabClient, GrantRefused, SignInData
 log = logging.getLogger("gateway.resync")
 
 ACTOR: Final = "gitlab-resync"
-BATCH: Final = 64  # users claimed per query
-CONCURRENCY: Final = 8  # re-checks in flight per process
+CONCURRENCY: Final = 8  # re-checks in flight per process (each claimed only when a slot is free)
 COALESCE: Final = 3.0  # seconds: at most one webhook-triggered re-check per user in this window
 _COALESCE_MEMORY: Final = 10_000
 
@@ -91,6 +97,16 @@ def backoff(failures: int, interval: float, retry_after: float | None) -> float:
     return float(max(delay, retry_after or 0.0))
 
 
+@dataclass(slots=True)
+class Unsettled:
+    """A re-check the database failed under: its lease, the (encrypted) refresh token it presented to GitLab
+    and, when GitLab rotated it before the token could be saved, the newest one (else None)."""
+
+    owner: str
+    presented: str | None
+    newest: str | None = field(default=None, repr=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One re-check: result is changed, unchanged, revoked, failed, dormant, lost or no_grant."""
@@ -117,7 +133,9 @@ class Resyncer:
         self._paused_until = 0.0  # monotonic: GitLab's 429 Retry-After holds the whole scheduler
         self._requested: dict[int, float] = {}
         self._deferred: set[int] = set()
-        self._limit = asyncio.Semaphore(CONCURRENCY)
+        # Re-checks the database failed under, by user id, until `settle` writes them (memory only: GitLab's
+        # rotated refresh token must survive a database blip, or the next attempt would sign the user out).
+        self._unsettled: dict[int, Unsettled] = {}
 
     def _lease_owner(self) -> str:
         # One per re-check: two re-checks of this process never mistake each other's lease for their own.
@@ -125,40 +143,82 @@ class Resyncer:
 
     # ---- the scheduler ---------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Claim and re-check due users until `stop` is set."""
+    async def run(self, stop: asyncio.Event, *, claim: bool = True) -> None:
+        """Claim and re-check due users until `stop` is set (claim=False: only settle interrupted re-checks,
+        for the admin listener, whose calls re-check one user at a time).
+
+        At most CONCURRENCY re-checks run at once, and a user is claimed only when a slot is free for them (a
+        claim never sits waiting behind a slow GitLab call while its lease runs down). With nothing to claim,
+        the loop sleeps until the next due time (one indexed look-up), a slot frees, a webhook wakes it, or
+        `poll` passes (what other replicas scheduled meanwhile). Each re-check is its own task: its awaits
+        hand the event loop back, so proxied requests are served between a re-check's steps.
+        """
+        running: set[asyncio.Task[Outcome]] = set()
         while not stop.is_set():
-            claimed = 0
-            if time.monotonic() >= self._paused_until:
+            wait = self.poll
+            paused = self._paused_until - time.monotonic()
+            if paused > 0:
+                wait = min(paused, self.poll)
+            elif not claim:
+                with contextlib.suppress(*DB_UNAVAILABLE):
+                    await self.settle()
+            elif len(running) < CONCURRENCY:
                 try:
-                    claimed = await self.tick()
+                    await self.settle()
+                    claimed, due_in = await self.tick(CONCURRENCY - len(running))
+                    for grant, owner in claimed:
+                        task = asyncio.create_task(self.process(grant, owner, require_session=True))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                    if due_in is not None:
+                        wait = min(wait, max(due_in, 0.0))
                 except DB_UNAVAILABLE as exc:
                     log.warning("re-check scheduler cannot reach the database", extra={"error": type(exc).__name__})
                 except Exception:
                     log.exception("re-check scheduler failed")
-            if claimed < BATCH:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll):
-                        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
-                        try:
-                            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                        finally:
-                            for w in waiters:
-                                w.cancel()
+            if wait > 0 or len(running) >= CONCURRENCY:
+                await self._sleep(stop, running, wait)
+        if running:  # a re-check never raises; those still running finish or are cancelled by resync_ctx
+            await asyncio.gather(*running, return_exceptions=True)
 
-    async def tick(self) -> int:
-        """Claim one batch of due users and re-check them; how many were claimed."""
+    async def _sleep(self, stop: asyncio.Event, running: set[asyncio.Task[Outcome]], seconds: float) -> None:
+        """Until `seconds` pass, `stop` or a wake-up is set, or (all slots busy) a re-check finishes."""
+        self._wake.clear()
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
+        busy = set(running) if len(running) >= CONCURRENCY else set()
+        try:
+            await asyncio.wait(waiters | busy, timeout=seconds if seconds > 0 else None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def tick(self, slots: int) -> tuple[list[tuple[db_grants.Grant, str]], float | None]:
+        """Claim up to `slots` due users; with fewer due than that, also the seconds until the next one is due
+        (None: nothing is scheduled). The claim's lease owner is its own (a user appears once per claim)."""
         owner = self._lease_owner()
         async with self.pool.acquire() as conn:
-            claimed = await db_grants.claim_due(conn, owner, lease=self.lease, limit=BATCH)
-        if claimed:
-            await asyncio.gather(*(self._bounded(g, owner) for g in claimed))
-        return len(claimed)
+            claimed = await db_grants.claim_due(conn, owner, lease=self.lease, limit=slots)
+            due_in = await db_grants.next_due(conn) if len(claimed) < slots else 0.0
+        return [(g, owner) for g in claimed], due_in
 
-    async def _bounded(self, grant: db_grants.Grant, owner: str) -> Outcome:
-        async with self._limit:
-            return await self.process(grant, owner, require_session=True)
+    async def settle(self) -> None:
+        """Write what re-checks could not write while the database was away (see `process`): the rotated
+        refresh token kept in memory, and the end of their lease, so they are retried soon."""
+        for uid, left in list(self._unsettled.items()):
+            orphan = None
+            async with self.pool.acquire() as conn, conn.transaction():
+                if left.newest is not None and not await db_grants.rotated(conn, uid, left.presented or "",
+                                                                          left.newest):
+                    orphan = left.newest  # the grant was replaced meanwhile (a new sign-in)
+                held = await db_grants.held(conn, uid, left.owner)
+                if held is not None:
+                    await db_grants.failed(conn, uid, retry_in=backoff(held.failures + 1, self.interval, None),
+                                           error="the database was unavailable")
+            del self._unsettled[uid]
+            log.info("re-check interrupted by the database settled; retrying soon", extra={"user_id": uid})
+            if orphan is not None:
+                await revoke_sealed(self.gitlab, self.fernet, orphan)
 
     def wake(self) -> None:
         self._wake.set()
@@ -188,6 +248,7 @@ class Resyncer:
         """Re-check one user at once (admin API, CLI, page): Conflict without a kept grant, GitLabUnavailable on
         failure; what it changes is audited under `actor` (the administrator who asked)."""
         try:
+            await self.settle()  # a re-check of this process the database interrupted goes first
             async with self.pool.acquire() as conn:
                 user = await db_users.by_login(conn, login)
                 if user is None:
@@ -209,6 +270,8 @@ class Resyncer:
             raise Conflict(f"No GitLab grant is kept for {user.login}",
                            advice="The user must sign in (with provisioning.resync_interval on) first.")
         outcome = await self.process(grant, owner, require_session=False, actor=actor)
+        if user.id in self._unsettled:
+            raise DatabaseUnavailable("re-check interrupted: the database is unavailable")
         if outcome.result == "failed":
             raise GitLabUnavailable(f"GitLab could not confirm {user.login}: {outcome.error}")
         if outcome.result in ("lost", "no_grant") and outcome.error:
@@ -219,24 +282,30 @@ class Resyncer:
 
     async def process(self, grant: db_grants.Grant, owner: str, *, require_session: bool,
                       actor: str = ACTOR) -> Outcome:
-        """Re-check one claimed user; never raises (the lease runs out if the database is gone)."""
-        newest = [grant.refresh_token]  # the newest sealed token: GitLab may have rotated it before a failure
+        """Re-check one claimed user; never raises.
+
+        The database failing anywhere leaves nothing half-applied (each write is one statement or one
+        transaction) and the re-check in `_unsettled`, with GitLab's rotated refresh token if it could not be
+        saved: the scheduler's next turn (`settle`) writes both once the database answers, and the user is
+        re-checked soon after with the newest token. A database blip never costs a user their sessions.
+        """
+        left = Unsettled(owner, grant.refresh_token)
         try:
-            outcome = await self._process(grant, owner, newest, require_session=require_session, actor=actor)
+            outcome = await self._process(grant, owner, left, require_session=require_session, actor=actor)
         except DB_UNAVAILABLE as exc:
-            # Nothing was half-applied (one transaction); the lease expires and the user is retried.
-            log.warning("re-check could not reach the database", extra={"error": type(exc).__name__})
+            log.warning("re-check could not reach the database; settled when it answers",
+                        extra={"error": type(exc).__name__, "user_id": grant.user_id})
+            self._unsettled[grant.user_id] = left
             outcome = Outcome("failed", "the database is unavailable")
         except Exception:
             log.exception("re-check failed")
-            with contextlib.suppress(*DB_UNAVAILABLE):
-                await self._fail(grant.user_id, owner, newest[0], "internal error", None)
+            self._unsettled[grant.user_id] = left
             outcome = Outcome("failed", "internal error")
         if outcome.result in ("changed", "unchanged", "revoked", "failed"):
             self.metrics.inc("gateway_resync_total", result=outcome.result)
         return outcome
 
-    async def _process(self, grant: db_grants.Grant, owner: str, newest: list[str | None], *,
+    async def _process(self, grant: db_grants.Grant, owner: str, left: Unsettled, *,
                        require_session: bool, actor: str) -> Outcome:
         uid = grant.user_id
         token = unseal(self.fernet, grant.refresh_token)
@@ -249,37 +318,42 @@ class Resyncer:
                         await db_audit.record(conn, actor, "sync.no_grant", await self._login(conn, uid),
                                               reason=reason)
             return Outcome("no_grant", reason)
-        if require_session:
+        if require_session and not grant.has_session:
             async with self.pool.acquire() as conn:
-                if not await db_grants.has_active_session(conn, uid):
-                    await db_grants.dormant(conn, uid)
-                    return Outcome("dormant")
+                await db_grants.dormant(conn, uid)
+            return Outcome("dormant")
         try:
             fresh = await self.gitlab.refresh(token)
         except GrantRefused:
-            return await self._revoke(uid, owner, "invalid_grant", "GitLab refused the kept grant", None, actor)
+            return await self._revoke(uid, owner, "invalid_grant", "GitLab refused the kept grant", None, actor,
+                                      presented=grant.refresh_token)
         except GitLabUnavailable as err:
-            return await self._fail(uid, owner, grant.refresh_token, err.message, err.retry_after)
-        sealed = newest[0] = seal(self.fernet, fresh.refresh_token)
+            return await self._fail(uid, owner, err.message, err.retry_after)
+        # GitLab has rotated the token: the one presented is dead. The new one is saved before anything else.
+        sealed = left.newest = seal(self.fernet, fresh.refresh_token)
+        if not await db_grants.rotated(self.pool, uid, grant.refresh_token or "", sealed):
+            await self.gitlab.revoke(fresh.refresh_token or "")  # a new sign-in replaced the grant meanwhile
+            return await self._release(uid, owner, Outcome("lost", "the grant was replaced during the re-check"))
+        left.presented, left.newest = sealed, None
         need_groups = self.cfg.provisioning.sync_groups or bool(self.cfg.provisioning.allowed_groups)
         try:
             fetched = await self.gitlab.sign_in_data(fresh.access_token, need_groups=need_groups)
         except SignInRefused as err:
             return await self._revoke(uid, owner, err.code, err.message, fresh.refresh_token, actor)
         except GitLabUnavailable as err:
-            return await self._fail(uid, owner, sealed, err.message, err.retry_after)
+            return await self._fail(uid, owner, err.message, err.retry_after)
         for attempt in range(provisioning.RETRIES):
             try:
-                result = await self._apply(uid, owner, grant, sealed, fetched, actor)
+                result = await self._apply(uid, owner, grant, fetched, actor)
                 break
             except provisioning.RACES:
                 # A sign-in or an administrator changed the same rows: everything rolled back; read again.
                 await asyncio.sleep(0.01 * (attempt + 1))
         else:
-            return await self._fail(uid, owner, sealed, "kept colliding with other changes", None)
+            return await self._fail(uid, owner, "kept colliding with other changes", None)
         if result is None:
+            # Another claimant took over after our lease ran out; the token we saved is theirs to use now.
             log.warning("re-check lease lost before its result was saved", extra={"user_id": uid})
-            await self.gitlab.revoke(fresh.refresh_token or "")  # nobody holds this new grant: let it die
             return Outcome("lost", "the re-check took longer than its lease")
         if result.refusal is not None:
             await self.gitlab.revoke(fresh.refresh_token or "")
@@ -287,9 +361,9 @@ class Resyncer:
         self.metrics.group_changes(len(result.added), len(result.removed))
         return Outcome("changed" if result.changed else "unchanged")
 
-    async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, sealed: str, fetched: SignInData,
-                     actor: str) -> provisioning.RecheckResult | None:
-        """§5 rules 1, 2, 5-8 and the rotated token in ONE transaction; None when our lease was lost."""
+    async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, fetched: SignInData, actor: str
+                     ) -> provisioning.RecheckResult | None:
+        """§5 rules 1, 2, 5-8 in ONE transaction; None when our lease was lost."""
         async with self.pool.acquire() as conn, conn.transaction():
             if await db_grants.held(conn, uid, owner) is None:
                 return None
@@ -299,7 +373,7 @@ class Resyncer:
             if result.refusal is not None:
                 await self._revoke_in(conn, uid, result.user.login, result.refusal, result.message, actor)
             else:
-                await db_grants.succeeded(conn, uid, sealed, interval=self.interval)
+                await db_grants.succeeded(conn, uid, interval=self.interval)
                 if grant.failures:
                     # The user's 503 deadline moved: every process must drop its cached one.
                     await db_notify.notify(conn, "user", uid)
@@ -310,10 +384,16 @@ class Resyncer:
         return user.login if user is not None else str(user_id)
 
     async def _revoke(self, uid: int, owner: str, reason: str, message: str, live_token: str | None,
-                      actor: str) -> Outcome:
+                      actor: str, *, presented: str | None = None) -> Outcome:
         async with self.pool.acquire() as conn, conn.transaction():
-            if await db_grants.held(conn, uid, owner) is None:
+            held = await db_grants.held(conn, uid, owner)
+            if held is None:
                 return Outcome("lost", "the re-check took longer than its lease")
+            if presented is not None and held.refresh_token != presented:
+                # GitLab refused a token that is no longer the kept one: a claimant whose lease ran out during
+                # a database outage saved its successor meanwhile. The grant lives: try again with that one.
+                await db_grants.failed(conn, uid, retry_in=0.0, error="the kept grant moved on during the re-check")
+                return Outcome("lost", "the kept grant moved on during the re-check")
             await self._revoke_in(conn, uid, await self._login(conn, uid), reason, message, actor)
         if live_token:
             await self.gitlab.revoke(live_token)
@@ -329,9 +409,8 @@ class Resyncer:
                               sessions_revoked=len(revoked))
         log.info("sessions revoked by a re-check", extra={"user": login, "reason": reason})
 
-    async def _fail(self, uid: int, owner: str, sealed: str | None, error: str, retry_after: float | None
-                    ) -> Outcome:
-        """Transient trouble: keep the (possibly rotated) token, back off; nothing else changes."""
+    async def _fail(self, uid: int, owner: str, error: str, retry_after: float | None) -> Outcome:
+        """Transient trouble: back off; nothing else changes (a rotated token is already saved)."""
         if retry_after:
             self._paused_until = max(self._paused_until, time.monotonic() + retry_after)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -339,9 +418,13 @@ class Resyncer:
             if held is None:
                 return Outcome("lost", "the re-check took longer than its lease")
             delay = backoff(held.failures + 1, self.interval, retry_after)
-            await db_grants.failed(conn, uid, sealed or "", retry_in=delay, error=error)
+            await db_grants.failed(conn, uid, retry_in=delay, error=error)
         log.info("re-check failed; retrying later", extra={"user_id": uid, "error": error})
         return Outcome("failed", error)
+
+    async def _release(self, uid: int, owner: str, outcome: Outcome) -> Outcome:
+        await db_grants.release(self.pool, uid, owner)
+        return outcome
 
 
 # ---- wiring ------------------------------------------------------------------------------------------------
@@ -355,8 +438,8 @@ async def resync_ctx(app: web.Application) -> AsyncIterator[None]:
     resyncer = Resyncer(cfg, app[keys.POOL], app[keys.GITLAB], app[keys.METRICS])
     app[RESYNC] = resyncer
     stop = asyncio.Event()
-    task = asyncio.create_task(resyncer.run(stop)) if cfg.provisioning.resync_interval and app.get(
-        RUN_SCHEDULER, True) else None
+    task = asyncio.create_task(resyncer.run(stop, claim=app.get(RUN_SCHEDULER, True))) \
+        if cfg.provisioning.resync_interval else None
     yield
     stop.set()
     if task is not None:
