@@ -8,7 +8,9 @@ Each test stages the outage on a PostgreSQL of its own (tests/own_postgres.py), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -36,7 +38,8 @@ async def token_requests(gw: Gateway) -> int:
     return sum(1 for method, path in gw.fake.requests if method == "POST" and path.endswith("/oauth/token"))
 
 
-async def back_and_confirmed(pg: OwnPostgres, *, expire_leases: bool) -> asyncpg.Pool:
+@contextlib.asynccontextmanager
+async def back_and_confirmed(pg: OwnPostgres, *, expire_leases: bool) -> AsyncIterator[asyncpg.Pool]:
     """Start PostgreSQL again; with expire_leases, end every lease as if the outage had outlasted it (a
     lease is 4 x gitlab.timeout + 30 s); then wait until the user is re-checked with success."""
     await asyncio.to_thread(pg.restart)
@@ -53,8 +56,27 @@ async def back_and_confirmed(pg: OwnPostgres, *, expire_leases: bool) -> asyncpg
         assert row["kept"], f"the grant was dropped: {await db.fetchval('SELECT last_error FROM gitlab_grants')}"
         return bool(row["failures"] == 0 and row["at"] > restarted)
 
-    await wait_until(confirmed, timeout=15, what="no successful re-check after the database came back")
-    return db
+    try:
+        await wait_until(confirmed, timeout=15, what="no successful re-check after the database came back")
+        yield db
+    finally:
+        await db.close()
+
+
+async def stop_while_a_recheck_waits(pg: OwnPostgres, lock: str) -> None:
+    """Take a lock (`lock`, in a transaction), wait until a re-check of the gateway waits for it, then stop
+    PostgreSQL: the re-check's statement fails at exactly that point."""
+    locker = await asyncpg.connect(pg.dsn)
+    watcher = await asyncpg.create_pool(pg.dsn, min_size=1, max_size=1)
+    assert watcher is not None
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute(lock)
+        await a_recheck_waits_for_a_lock(watcher, 10)
+    finally:
+        await watcher.close()
+    await asyncio.to_thread(pg.stop)
+    locker.terminate()
 
 
 async def assert_nobody_signed_out(gw: Gateway, db: asyncpg.Pool, b: Any) -> None:
@@ -70,24 +92,12 @@ async def test_database_down_as_a_recheck_begins(own_pg, gateway_factory) -> Non
     gw = await started(gateway_factory, own_pg)
     async with gw.browser() as b:
         await b.sign_in("alice")
-        locker = await asyncpg.connect(own_pg.dsn)
-        tx = locker.transaction()
-        await tx.start()
-        await locker.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
         refreshes = sum(gw.fake.refresh_calls.values())
-        setup = await asyncpg.create_pool(own_pg.dsn, min_size=1, max_size=1)
-        assert setup is not None
-        await a_recheck_waits_for_a_lock(setup, 10)
-        await setup.close()
-        await asyncio.to_thread(own_pg.stop)
+        await stop_while_a_recheck_waits(own_pg, "LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
         assert sum(gw.fake.refresh_calls.values()) == refreshes  # GitLab was not asked
         await asyncio.sleep(1)
-        db = await back_and_confirmed(own_pg, expire_leases=False)
-        try:
+        async with back_and_confirmed(own_pg, expire_leases=False) as db:
             await assert_nobody_signed_out(gw, db, b)
-        finally:
-            await db.close()
-        locker.terminate()
 
 
 async def test_database_down_after_gitlab_rotated_the_token(own_pg, gateway_factory) -> None:  # noqa: F811
@@ -105,11 +115,8 @@ async def test_database_down_after_gitlab_rotated_the_token(own_pg, gateway_fact
         assert sum(gw.fake.refresh_calls.values()) == refreshes, "staging: GitLab answered before the outage"
         await wait_until(lambda: _more(_refreshes(gw), refreshes), what="GitLab never answered the refresh")
         await asyncio.sleep(1)  # the re-check finds the database gone
-        db = await back_and_confirmed(own_pg, expire_leases=True)
-        try:
+        async with back_and_confirmed(own_pg, expire_leases=True) as db:
             await assert_nobody_signed_out(gw, db, b)
-        finally:
-            await db.close()
 
 
 async def test_database_down_inside_the_rules_transaction(own_pg, gateway_factory) -> None:  # noqa: F811
@@ -119,28 +126,16 @@ async def test_database_down_inside_the_rules_transaction(own_pg, gateway_factor
     gw = await started(gateway_factory, own_pg, "other")
     async with gw.browser() as b:
         await b.sign_in("alice")
-        locker = await asyncpg.connect(own_pg.dsn)
-        tx = locker.transaction()
-        await tx.start()
-        await locker.execute("SELECT 1 FROM users WHERE login = 'alice' FOR UPDATE")
         gw.fake.add_member("alice", "other")  # the change the interrupted re-check was applying
-        setup = await asyncpg.create_pool(own_pg.dsn, min_size=1, max_size=1)
-        assert setup is not None
-        await a_recheck_waits_for_a_lock(setup, 10)
-        await setup.close()
-        await asyncio.to_thread(own_pg.stop)
-        locker.terminate()
+        await stop_while_a_recheck_waits(own_pg, "SELECT 1 FROM users WHERE login = 'alice' FOR UPDATE")
         await asyncio.sleep(1)
-        db = await back_and_confirmed(own_pg, expire_leases=True)
-        try:
+        async with back_and_confirmed(own_pg, expire_leases=True) as db:
             await assert_nobody_signed_out(gw, db, b)
             applied = [a for a in await audit_actions(db) if a[0] == "sync.resync" and a[2]["added"]]
             assert [a[2]["added"] for a in applied] == [["other"]]
             assert await db.fetchval("SELECT count(*) FROM memberships m JOIN groups g ON g.id = m.group_id "
                                      "WHERE g.name = 'other'") == 1
             assert "other" in (await groups_header(b)).split(",")
-        finally:
-            await db.close()
 
 
 async def _more(count: Any, than: int) -> bool:
