@@ -152,6 +152,30 @@ async def header_becomes(b: Browser, expected: str, timeout: float = 10.0) -> fl
     return await wait_until(lambda: _eq(groups_header(b), expected), timeout=timeout, what=f"groups {expected}")
 
 
+async def test_a_recheck_that_changes_nothing_writes_only_the_sync_fields(gateway_factory: Any,
+                                                                         db: asyncpg.Pool) -> None:
+    """Every user with a session is re-checked every resync_interval: one that finds nothing changed moves the
+    sync fields (last_sync_at, the schedule, the rotated token) and writes no audit row."""
+    gw = await started(gateway_factory, db, "acme")
+    async with gw.browser() as b:
+        await b.sign_in("alice")
+    audit = await db.fetchval("SELECT count(*) FROM audit_events")
+    synced = await db.fetchval("SELECT last_sync_at FROM users WHERE login = 'alice'")
+    calls = sum(gw.fake.refresh_calls.values())
+    await wait_until(lambda: _refreshed(gw, calls + 2), what="two re-checks")
+    await wait_until(lambda: _synced_after(db, synced), what="last_sync_at did not move")
+    assert await db.fetchval("SELECT count(*) FROM audit_events") == audit
+    assert await db.fetchval("SELECT failures FROM gitlab_grants") == 0
+
+
+async def _refreshed(gw: Gateway, calls: int) -> bool:
+    return sum(gw.fake.refresh_calls.values()) >= calls
+
+
+async def _synced_after(db: asyncpg.Pool, before: Any) -> bool:
+    return bool(await db.fetchval("SELECT last_sync_at > $1 FROM users WHERE login = 'alice'", before))
+
+
 async def test_a_grant_revoked_at_gitlab_ends_in_no_grant_not_a_loop(gateway_factory: Any,
                                                                     db: asyncpg.Pool) -> None:
     gw = await started(gateway_factory, db)

@@ -255,20 +255,27 @@ async def _refresh_existing(conn: asyncpg.Connection, user: db_users.User, gl: G
 
 
 async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int, gl: GitLabUser,
-                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, actor: str) -> RecheckResult:
+                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, actor: str,
+                  audit_unchanged: bool = False) -> RecheckResult:
     """SPEC §11: rules 1, 2, 5-8 for a user whose session lives, inside the caller's transaction.
+
+    `sync.resync` is audited when memberships changed, or always with audit_unchanged (an administrator's
+    "sync now": they asked, the answer is on record). Background re-checks that change nothing write only the
+    sync fields: one audit row per user per resync_interval would bury the log (10,000 users: ~1M rows a day).
 
     The same code as a sign-in; a refusal is returned (the caller revokes the sessions) instead of raised,
     and nothing of the refused user is changed.
     """
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
-    current = await db_users.by_id(conn, user_id)
-    assert current is not None, "the grant row references the user"
     user = await db_users.by_gitlab_id_for_update(conn, gl.id)
     if user is None or user.id != user_id:
+        current = await db_users.by_id(conn, user_id)
+        assert current is not None, "the grant row references the user"
         return RecheckResult(current, refusal="unlinked",
                              message="the GitLab account of the kept grant is no longer linked to this user")
-    holder = await db_users.by_login(conn, gl.username, for_update=True)
+    # Rule 5's "username taken" can only happen when GitLab reports another username than the login (the
+    # unique index on lower(login) makes the user the only holder of its own login).
+    holder = user if gl.username == user.login else await db_users.by_login(conn, gl.username, for_update=True)
     try:
         _check_gitlab(cfg, gl, groups)
         before = user
@@ -282,7 +289,8 @@ async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: in
     if cfg.sync_groups and groups is not None:
         added, removed, _ = await _sync(conn, cfg, user.id, groups, default.id, bind_groups=bind_groups, actor=actor)
     user = await db_users.mark_synced(conn, user.id)
-    await db_audit.record(conn, actor, "sync.resync", user.login, gitlab_id=gl.id, added=added, removed=removed)
+    if added or removed or audit_unchanged:  # (a profile change is audited as `user.updated`)
+        await db_audit.record(conn, actor, "sync.resync", user.login, gitlab_id=gl.id, added=added, removed=removed)
     changed = bool(added or removed) or (before.login, before.email) != (user.login, user.email)
     if changed:
         await db_notify.notify(conn, "user", user.id)
@@ -310,14 +318,16 @@ async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
     if bind_groups:
         # SPEC §11: a bound group matches its GitLab id whatever its path is now, and follows renames.
         by_id = {g.id: g for g in groups if g.id is not None}
-        for bound in await db_groups.by_gitlab_ids(conn, list(by_id)):
+        for bound in await db_groups.by_gitlab_ids(conn, list(by_id)) if by_id else []:
             if bound.id != default_id and bound.gitlab_group_id is not None:
                 new_path = by_id[bound.gitlab_group_id].full_path
                 target[bound.id] = await renames.follow(conn, bound, new_path, actor=actor)
     await renames.report_case_mismatches(conn, list(by_path), actor=actor)
-    candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
-    if bind_groups:
-        await db_groups.lock_for_binding(conn, [g.id for g in candidates if g.gitlab_group_id is None])
+    candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id] if by_path else []
+    unbound = [g.id for g in candidates if g.gitlab_group_id is None]
+    if bind_groups and unbound:
+        # Read again under the locks: another sign-in may have bound one of them meanwhile.
+        await db_groups.lock_for_binding(conn, unbound)
         candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
     mismatches: list[str] = []
     for local in candidates:

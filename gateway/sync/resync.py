@@ -369,7 +369,7 @@ class Resyncer:
                 return None
             result = await provisioning.recheck(
                 conn, self.cfg.provisioning, uid, fetched.user, fetched.groups,
-                bind_groups=self.cfg.gitlab.groups_source == "api", actor=actor)
+                bind_groups=self.cfg.gitlab.groups_source == "api", actor=actor, audit_unchanged=actor != ACTOR)
             if result.refusal is not None:
                 await self._revoke_in(conn, uid, result.user.login, result.refusal, result.message, actor)
             else:
