@@ -1,6 +1,6 @@
 """SPEC §11 re-checks at scale: prints figures (not a test).
 
-    python bench/resync.py [--users 10000] [--drain 2000] [--seconds 8] [--rounds 2]
+    python bench/resync.py [--users 10000] [--drain 2000] [--seconds 4] [--rounds 6] [--profile]
 
 Everything runs on 127.0.0.1: a PostgreSQL ($GATEWAY_TEST_DSN's server, else an embedded one), the GitLab
 stand-in in its own process (zero latency: it answers from memory; its users have no group memberships, so
@@ -9,10 +9,13 @@ the group listing is one short page), nginx serving a 200-byte page as the upstr
 straight into the database (each grant a real refresh token issued by the stand-in, Fernet-sealed).
 
 Figures:
-1. Proxied req/s (wrk, one signed-in cookie) with the scheduler idle (no user due) and with it re-checking at
-   the steady rate of `--users` users per 15 minutes (due times spread over the interval), interleaved rounds.
+1. Proxied req/s and the gateway's CPU per request (wrk, one signed-in cookie) with the scheduler idle (no user
+   due) and with it re-checking at the steady rate of `--users` users per 15 minutes (due times spread over the
+   interval): the same process throughout, `--rounds` pairs of rounds in ABBA order, the gateway pinned to one
+   CPU and the load generator, upstream and stand-in to the other; medians and the per-round ratios.
 2. Re-checks per second sustained when `--drain` users are all due at once (the scheduler's ceiling on this
-   machine), the gateway's CPU per re-check, and from it the CPU share at the steady rate.
+   machine), the gateway's CPU per re-check, and from it the CPU share at the steady rate (`--profile`: where
+   the gateway's time goes during that drain, by py-spy).
 3. Database work per re-check with a users table of 1,000 and of 100,000 rows (the same 1,000 users with an
    active session and a due grant; the others with a dormant grant and only revoked sessions): shared
    buffers touched per re-check (pg_stat_database) and the claim query's plan.
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +50,9 @@ from run import (  # bench/ is not a package: run.py is imported from its folder
     database,
     free_port,
     gateway_config,
+    pinned,
+    py_spy,
+    summarize_profile,
     wait_port,
     wait_ready,
     wrk,
@@ -181,7 +188,7 @@ async def stat_blocks(dsn: str) -> int:
 
 
 async def claim_plan(dsn: str) -> str:
-    """EXPLAIN (ANALYZE, BUFFERS) of one claim of 64 due users, rolled back."""
+    """EXPLAIN (ANALYZE, BUFFERS) of one claim of 8 due users (a scheduler's slots), rolled back."""
     sys.path.insert(0, str(REPO))
     from gateway.db import grants
 
@@ -189,7 +196,7 @@ async def claim_plan(dsn: str) -> str:
     try:
         async with conn.transaction():
             rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + grants.CLAIM_DUE,
-                                    "bench", 60.0, 64)
+                                    "bench", 60.0, 8)
             raise _Rollback([r[0] for r in rows])
     except _Rollback as done:
         return "\n".join(done.lines)
@@ -216,32 +223,102 @@ def start_gateway(procs: Processes, workdir: Path, dsn: str, upstream: str, gitl
     return f"http://127.0.0.1:{public}", proc
 
 
-def drain(dsn: str, count: int, gateway: subprocess.Popen[bytes], standin: subprocess.Popen[bytes]
-          ) -> dict[str, float]:
-    """Make `count` users due now and time the scheduler until every one is re-checked."""
+def drain(dsn: str, count: int, gateway: subprocess.Popen[bytes], standin: subprocess.Popen[bytes], *,
+          profile: Path | None = None) -> dict[str, float]:
+    """Make `count` users due now and time the scheduler until every one is re-checked (with `profile`, py-spy
+    records the gateway for the first 15 s of it)."""
     asyncio.run(due_over(dsn, None))
     started = time.monotonic()
     asyncio.run(due_over(dsn, 0.0, count))
     blocks0, cpu0, cpu_s0 = asyncio.run(stat_blocks(dsn)), cpu_seconds([gateway]), cpu_seconds([standin])
-    while asyncio.run(sql(dsn, "SELECT count(*) FROM gitlab_grants WHERE next_sync_at <= now()")):
-        if time.monotonic() - started > 600:
-            raise SystemExit("the drain did not finish in 10 minutes")
-        time.sleep(0.2)
-    elapsed = time.monotonic() - started
+    with py_spy(gateway, profile or Path("/dev/null"), 15, wanted=profile is not None):
+        while asyncio.run(sql(dsn, "SELECT count(*) FROM gitlab_grants WHERE next_sync_at <= now()")):
+            if time.monotonic() - started > 600:
+                raise SystemExit("the drain did not finish in 10 minutes")
+            time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        cpu, cpu_s, blocks = cpu_seconds([gateway]) - cpu0, cpu_seconds([standin]) - cpu_s0, asyncio.run(
+            stat_blocks(dsn)) - blocks0
     failed = asyncio.run(sql(dsn, "SELECT count(*) FROM gitlab_grants WHERE failures > 0 OR refresh_token IS NULL"))
-    return {"elapsed": elapsed, "rate": count / elapsed, "cpu_per": (cpu_seconds([gateway]) - cpu0) / count,
-            "standin_cpu_per": (cpu_seconds([standin]) - cpu_s0) / count,
-            "blocks_per": (asyncio.run(stat_blocks(dsn)) - blocks0) / count, "failed": float(failed)}  # type: ignore[arg-type]
+    return {"elapsed": elapsed, "rate": count / elapsed, "cpu_per": cpu / count, "standin_cpu_per": cpu_s / count,
+            "blocks_per": blocks / count, "failed": float(failed)}  # type: ignore[arg-type]
+
+
+# Where a re-check's time goes in the gateway, by the innermost frame's file (first match wins).
+RECHECK_AREAS = (("asyncpg (statements, protocol)", ("asyncpg/",)),
+                 ("aiohttp client (GitLab calls)", ("aiohttp/client", "aiohttp/connector.py", "aiohttp/streams.py",
+                                                    "aiohttp/http_", "aiohttp/_http", "aiohttp/helpers.py",
+                                                    "multidict/", "yarl/")),
+                 ("Fernet (seal, unseal)", ("cryptography/",)),
+                 ("json", ("json/",)),
+                 ("logging", ("logging/", "gateway/logs.py")),
+                 ("gateway code", ("gateway/",)),
+                 ("event loop, sockets", ("asyncio/", "uvloop/", "selectors.py", "socket.py")))
+
+
+@dataclass
+class Rounds:
+    """Interleaved wrk rounds: req/s and the gateway's CPU per request, scheduler idle and at the steady rate."""
+
+    idle: list[tuple[float, float]] = field(default_factory=list)
+    steady: list[tuple[float, float]] = field(default_factory=list)
+    rechecked: int = 0
+    seconds: float = 0.0
+
+
+def interleaved(dsn: str, gateway: subprocess.Popen[bytes], others: list[subprocess.Popen[bytes]], target: str,
+                cookie: str, *, users: int, rounds: int, seconds: int) -> Rounds:
+    """`rounds` pairs of wrk rounds in ABBA order, the same process throughout: scheduler idle (nobody due) and
+    re-checking at the steady rate (`users` per resync_interval, due times spread over it). The gateway is
+    pinned to CPU 1, wrk, nginx and the stand-in to CPU 0 (PostgreSQL floats), so the gateway's one CPU is what
+    the proxied requests and the re-checks share: a process saturated by proxied traffic."""
+    out = Rounds()
+    with pinned([gateway], others, wrk):
+        for i in range(rounds):
+            for phase in ("idle", "steady") if i % 2 == 0 else ("steady", "idle"):
+                if phase == "idle":
+                    asyncio.run(due_over(dsn, None))
+                else:
+                    asyncio.run(due_over(dsn, INTERVAL, users))
+                began = asyncio.run(sql(dsn, "SELECT now()"))
+                before = cpu_seconds([gateway])
+                r = wrk(target, cookie, duration=seconds, connections=32)
+                result = (r.rps, (cpu_seconds([gateway]) - before) / max(r.requests, 1) * 1e6)
+                if phase == "idle":
+                    out.idle.append(result)
+                else:
+                    out.steady.append(result)
+                    out.rechecked += int(asyncio.run(sql(  # type: ignore[call-overload]
+                        dsn, "SELECT count(*) FROM gitlab_grants WHERE confirmed_at > $1", began)))
+                    out.seconds += seconds
+    return out
+
+
+def rounds_table(r: Rounds, users: int) -> list[str]:
+    med = statistics.median
+    rps_ratio = [s[0] / i[0] for i, s in zip(r.idle, r.steady, strict=True)]
+    cpu_ratio = [s[1] / i[1] for i, s in zip(r.idle, r.steady, strict=True)]
+    return [
+        f"| proxied req/s, scheduler idle / re-checking {users:,} users per 15 min (medians of {len(r.idle)} "
+        f"interleaved rounds) | {med(x[0] for x in r.idle):.0f} / {med(x[0] for x in r.steady):.0f}; "
+        f"per-round ratio median {med(rps_ratio):.1%} [{' '.join(f'{x:.2f}' for x in rps_ratio)}] |",
+        f"| gateway CPU per proxied request, idle / re-checking (re-checks' CPU included) | "
+        f"{med(x[1] for x in r.idle):.0f} us / {med(x[1] for x in r.steady):.0f} us; per-round ratio median "
+        f"{med(cpu_ratio):.1%} [{' '.join(f'{x:.2f}' for x in cpu_ratio)}] |",
+        f"| re-checks during the re-checking rounds | {r.rechecked} in {r.seconds:.0f} s "
+        f"({r.rechecked / max(r.seconds, 1):.1f}/s; the steady rate is {users / INTERVAL:.1f}/s) |",
+    ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--drain", type=int, default=2_000, help="users made due at once for the ceiling")
-    parser.add_argument("--seconds", type=int, default=8, help="each wrk round")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved idle/steady rounds")
+    parser.add_argument("--seconds", type=int, default=4, help="each wrk round")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved idle/re-checking round pairs")
     parser.add_argument("--small", type=int, default=1_000)
     parser.add_argument("--large", type=int, default=100_000)
+    parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the drain")
     parser.add_argument("--standin", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.standin:
@@ -254,7 +331,7 @@ def main() -> int:
     try:
         (workdir / "www").mkdir()
         (workdir / "www" / "index.html").write_bytes(PAGE)
-        up, _ = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
+        up, upstream_proc = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
         upstream = f"http://127.0.0.1:{up}"
 
         # 1 and 2: --users users with active sessions, one gateway process.
@@ -264,23 +341,10 @@ def main() -> int:
             public, gateway = start_gateway(procs, workdir, dsn, upstream, gitlab)
             target = f"{public}/index.html"
             wrk(target, cookie, duration=1, connections=32)  # warm-up
-            idle, steady, idle_cpu, steady_cpu, rechecked = [], [], [], [], 0
-
-            def load(cpu: list[float]) -> float:
-                before = cpu_seconds([gateway])
-                r = wrk(target, cookie, duration=args.seconds, connections=32)
-                cpu.append((cpu_seconds([gateway]) - before) / max(r.requests, 1) * 1e6)
-                return r.rps
-
-            for _ in range(args.rounds):
-                asyncio.run(due_over(dsn, None))
-                idle.append(load(idle_cpu))
-                asyncio.run(due_over(dsn, INTERVAL, args.users))  # the steady rate: users/900 re-checks per second
-                before = asyncio.run(sql(dsn, "SELECT count(*) FROM audit_events WHERE action = 'sync.resync'"))
-                steady.append(load(steady_cpu))
-                after = asyncio.run(sql(dsn, "SELECT count(*) FROM audit_events WHERE action = 'sync.resync'"))
-                rechecked += int(after) - int(before)  # type: ignore[call-overload]
-            ceiling = drain(dsn, min(args.drain, args.users), gateway, standin)
+            rounds = interleaved(dsn, gateway, [upstream_proc, standin], target, cookie, users=args.users,
+                                 rounds=args.rounds, seconds=args.seconds)
+            profile = workdir / "drain.profile" if args.profile else None
+            ceiling = drain(dsn, min(args.drain, args.users), gateway, standin, profile=profile)
             procs.stop(gateway)
         procs.stop(standin)
         steady_rate = args.users / INTERVAL
@@ -289,20 +353,12 @@ def main() -> int:
         out.append("")
         out.append("| figure | value |")
         out.append("|---|---|")
-        out.append(f"| proxied req/s, scheduler idle (median of {args.rounds}) | {statistics.median(idle):.0f} |")
-        out.append(f"| proxied req/s, scheduler at the steady rate (median of {args.rounds}) | "
-                   f"{statistics.median(steady):.0f} ({statistics.median(steady) / statistics.median(idle):.1%}"
-                   f" of idle; {rechecked} re-checks during those rounds) |")
-        out.append(f"| re-checks/s sustained, {min(args.drain, args.users)} due at once | {ceiling['rate']:.0f} "
-                   f"({ceiling['failed']:.0f} failed) |")
+        out.extend(rounds_table(rounds, args.users))
+        out.append(f"| re-checks/s sustained, {min(args.drain, args.users)} due at once (gateway unpinned) | "
+                   f"{ceiling['rate']:.0f} ({ceiling['failed']:.0f} failed) |")
         out.append(f"| gateway CPU per re-check | {ceiling['cpu_per'] * 1000:.2f} ms (stand-in: "
                    f"{ceiling['standin_cpu_per'] * 1000:.2f} ms) |")
         out.append(f"| gateway CPU share at the steady rate | {ceiling['cpu_per'] * steady_rate:.1%} of one core |")
-        out.append(f"| gateway CPU per proxied request, idle / steady (median; includes the re-checks' CPU) | "
-                   f"{statistics.median(idle_cpu):.0f} us / {statistics.median(steady_cpu):.0f} us "
-                   f"({statistics.median(steady_cpu) / statistics.median(idle_cpu):.1%}) |")
-        out.append(f"| rounds idle / steady req/s | {' '.join(f'{r:.0f}' for r in idle)} / "
-                   f"{' '.join(f'{r:.0f}' for r in steady)} |")
 
         # 3: the same 1,000 active users in a small and a large users table.
         plans = {}
@@ -320,8 +376,12 @@ def main() -> int:
                        f"{got['cpu_per'] * 1000:.2f} ms CPU each) |")
         for total, plan in plans.items():
             out.append("")
-            out.append(f"Claim query (64 of 1,000 due) with {total:,} users:")
+            out.append(f"Claim query (8 of 1,000 due) with {total:,} users:")
             out.extend(f"    {line}" for line in plan.splitlines())
+        if profile is not None:
+            out.append("")
+            out.append("py-spy, the gateway during the drain (innermost frame):")
+            out.append(summarize_profile(profile, RECHECK_AREAS))
     finally:
         procs.stop_all()
     print("\n".join(out))

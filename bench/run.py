@@ -699,7 +699,7 @@ AREAS = (("access log / logging", ("gateway/logs.py", "logging/")),
          ("event loop, sockets", ("asyncio/", "uvloop/", "selectors.py", "socket.py")))
 
 
-def summarize_profile(path: Path) -> str:
+def summarize_profile(path: Path, areas_of: tuple[tuple[str, tuple[str, ...]], ...] = AREAS) -> str:
     """py-spy's collapsed stacks -> share of samples per area (innermost frame) and the 12 hottest functions."""
     import collections
 
@@ -714,7 +714,7 @@ def summarize_profile(path: Path) -> str:
         total += count
         leaf = stack.rsplit(";", 1)[-1]
         functions[leaf] += count
-        area = next((a for a, marks in AREAS if any(m in leaf for m in marks)), "other (C, interpreter)")
+        area = next((a for a, marks in areas_of if any(m in leaf for m in marks)), "other (C, interpreter)")
         # logging/ and gateway/logs.py anywhere on the stack count as the access log, not their callees.
         if any(m in stack for m in AREAS[0][1]):
             area = AREAS[0][0]

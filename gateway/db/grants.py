@@ -53,7 +53,9 @@ BY_USER = f"SELECT {COLUMNS} FROM gitlab_grants WHERE user_id = $1"
 # `interval` after this one STARTED (claimed_at, just before GitLab was asked): GitLab's answer is never older
 # than the interval when the next re-check begins, however long this one took to write.
 _NEXT = "CASE WHEN next_sync_at > claimed_at THEN next_sync_at ELSE {base} + make_interval(secs => $2) END"
+# With the user's last_sync_at (SPEC §5 rule 8): the sync fields of a re-check in one statement.
 SUCCEEDED = f"""
+WITH synced AS (UPDATE users SET last_sync_at = now() WHERE id = $1)
 UPDATE gitlab_grants SET next_sync_at = {_NEXT.format(base="claimed_at")},
   confirmed_at = now(), failures = 0, last_error = '', lease_owner = NULL, lease_until = NULL, updated_at = now()
 WHERE user_id = $1"""

@@ -209,13 +209,12 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
         await db_audit.record(conn, ACTOR, "user.created", user.login, gitlab_id=gl.id, provisioned_by="jit")
     else:
         user = await _refresh_existing(conn, user, gl, holder, actor=ACTOR)
-    default = await db_groups.default_group(conn)
-    await db_users.add_membership(conn, user.id, default.id, "default")
+    default_id = await db_users.add_default_membership(conn, user.id)
     added: list[str] = []
     removed: list[str] = []
     mismatches: list[str] = []
     if cfg.sync_groups and groups is not None:
-        added, removed, mismatches = await _sync(conn, cfg, user.id, groups, default.id, bind_groups=bind_groups)
+        added, removed, mismatches = await _sync(conn, cfg, user.id, groups, default_id, bind_groups=bind_groups)
         if added or removed:
             await db_notify.notify(conn, "user", user.id)
     user = await db_users.mark_signed_in(conn, user.id, synced=cfg.sync_groups and groups is not None)
@@ -264,7 +263,8 @@ async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: in
     sync fields: one audit row per user per resync_interval would bury the log (10,000 users: ~1M rows a day).
 
     The same code as a sign-in; a refusal is returned (the caller revokes the sessions) instead of raised,
-    and nothing of the refused user is changed.
+    and nothing of the refused user is changed. Rule 8's last_sync_at is the caller's to record, in the same
+    transaction (db/grants.py SUCCEEDED writes it with the schedule, in one statement).
     """
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
     user = await db_users.by_gitlab_id_for_update(conn, gl.id)
@@ -282,13 +282,11 @@ async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: in
         user = await _refresh_existing(conn, user, gl, holder, actor=actor)
     except _Refusal as refusal:
         return RecheckResult(user, refusal=refusal.code, message=refusal.message)
-    default = await db_groups.default_group(conn)
-    await db_users.add_membership(conn, user.id, default.id, "default")
+    default_id = await db_users.add_default_membership(conn, user.id)
     added: list[str] = []
     removed: list[str] = []
     if cfg.sync_groups and groups is not None:
-        added, removed, _ = await _sync(conn, cfg, user.id, groups, default.id, bind_groups=bind_groups, actor=actor)
-    user = await db_users.mark_synced(conn, user.id)
+        added, removed, _ = await _sync(conn, cfg, user.id, groups, default_id, bind_groups=bind_groups, actor=actor)
     if added or removed or audit_unchanged:  # (a profile change is audited as `user.updated`)
         await db_audit.record(conn, actor, "sync.resync", user.login, gitlab_id=gl.id, added=added, removed=removed)
     changed = bool(added or removed) or (before.login, before.email) != (user.login, user.email)
