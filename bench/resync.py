@@ -267,7 +267,7 @@ class Rounds:
 
 
 def interleaved(dsn: str, gateway: subprocess.Popen[bytes], others: list[subprocess.Popen[bytes]], target: str,
-                cookie: str, *, users: int, rounds: int, seconds: int) -> Rounds:
+                cookie: str, *, users: int, rounds: int, seconds: int, profiles: Path | None = None) -> Rounds:
     """`rounds` pairs of wrk rounds in ABBA order, the same process throughout: scheduler idle (nobody due) and
     re-checking at the steady rate (`users` per resync_interval, due times spread over it). The gateway is
     pinned to CPU 1, wrk, nginx and the stand-in to CPU 0 (PostgreSQL floats), so the gateway's one CPU is what
@@ -282,7 +282,9 @@ def interleaved(dsn: str, gateway: subprocess.Popen[bytes], others: list[subproc
                     asyncio.run(due_over(dsn, INTERVAL, users))
                 began = asyncio.run(sql(dsn, "SELECT now()"))
                 before = cpu_seconds([gateway])
-                r = wrk(target, cookie, duration=seconds, connections=32)
+                out_file = profiles / f"{phase}.profile" if profiles is not None else Path("/dev/null")
+                with py_spy(gateway, out_file, seconds, wanted=profiles is not None and i == 0):
+                    r = wrk(target, cookie, duration=seconds, connections=32)
                 result = (r.rps, (cpu_seconds([gateway]) - before) / max(r.requests, 1) * 1e6)
                 if phase == "idle":
                     out.idle.append(result)
@@ -342,7 +344,8 @@ def main() -> int:
             target = f"{public}/index.html"
             wrk(target, cookie, duration=1, connections=32)  # warm-up
             rounds = interleaved(dsn, gateway, [upstream_proc, standin], target, cookie, users=args.users,
-                                 rounds=args.rounds, seconds=args.seconds)
+                                 rounds=args.rounds, seconds=args.seconds,
+                                 profiles=workdir if args.profile else None)
             profile = workdir / "drain.profile" if args.profile else None
             ceiling = drain(dsn, min(args.drain, args.users), gateway, standin, profile=profile)
             procs.stop(gateway)
@@ -382,6 +385,10 @@ def main() -> int:
             out.append("")
             out.append("py-spy, the gateway during the drain (innermost frame):")
             out.append(summarize_profile(profile, RECHECK_AREAS))
+            for phase in ("idle", "steady"):
+                out.append("")
+                out.append(f"py-spy, the gateway during the first {phase} wrk round:")
+                out.append(summarize_profile(workdir / f"{phase}.profile"))
     finally:
         procs.stop_all()
     print("\n".join(out))

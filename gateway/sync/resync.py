@@ -389,7 +389,8 @@ class Resyncer:
             held = await db_grants.held(conn, uid, owner)
             if held is None:
                 return Outcome("lost", "the re-check took longer than its lease")
-            if presented is not None and held.refresh_token != presented:
+            if presented is not None and not secrets.compare_digest((held.refresh_token or "").encode(),
+                                                                    presented.encode()):
                 # GitLab refused a token that is no longer the kept one: a claimant whose lease ran out during
                 # a database outage saved its successor meanwhile. The grant lives: try again with that one.
                 await db_grants.failed(conn, uid, retry_in=0.0, error="the kept grant moved on during the re-check")
