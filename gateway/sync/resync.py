@@ -105,6 +105,7 @@ class Unsettled:
     owner: str
     presented: str | None
     newest: str | None = field(default=None, repr=False)
+    error: str = "the database was unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +215,9 @@ class Resyncer:
                 held = await db_grants.held(conn, uid, left.owner)
                 if held is not None:
                     await db_grants.failed(conn, uid, retry_in=backoff(held.failures + 1, self.interval, None),
-                                           error="the database was unavailable")
+                                           error=left.error)
             del self._unsettled[uid]
-            log.info("re-check interrupted by the database settled; retrying soon", extra={"user_id": uid})
+            log.info("an interrupted re-check settled; retrying soon", extra={"user_id": uid, "error": left.error})
             if orphan is not None:
                 await revoke_sealed(self.gitlab, self.fernet, orphan)
 
@@ -299,6 +300,7 @@ class Resyncer:
             outcome = Outcome("failed", "the database is unavailable")
         except Exception:
             log.exception("re-check failed")
+            left.error = "internal error"
             self._unsettled[grant.user_id] = left
             outcome = Outcome("failed", "internal error")
         if outcome.result in ("changed", "unchanged", "revoked", "failed"):
