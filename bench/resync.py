@@ -78,7 +78,9 @@ def standin_main(port: int, users: int, tokens_file: Path) -> None:
     for uid in range(1, users + 1):
         fake.add_user(uid, f"u{uid}")
         tokens.append(fake.grant(CLIENT_ID, uid).refresh_token)
-    serve_standin(fake, port, lambda: tokens_file.write_text(json.dumps(tokens)))
+    partial = tokens_file.with_suffix(".partial")
+    partial.write_text(json.dumps(tokens))  # renamed once listening: the reader never sees half a file
+    serve_standin(fake, port, lambda: partial.rename(tokens_file))
 
 
 def serve_standin(fake: FakeGitLab, port: int, ready: Callable[[], object]) -> None:
@@ -270,10 +272,11 @@ def interleaved(dsn: str, gateway: subprocess.Popen[bytes], others: list[subproc
                 cookie: str, *, users: int, rounds: int, seconds: int, profiles: Path | None = None) -> Rounds:
     """`rounds` pairs of wrk rounds in ABBA order, the same process throughout: scheduler idle (nobody due) and
     re-checking at the steady rate (`users` per resync_interval, due times spread over it). The gateway is
-    pinned to CPU 1, wrk, nginx and the stand-in to CPU 0 (PostgreSQL floats), so the gateway's one CPU is what
-    the proxied requests and the re-checks share: a process saturated by proxied traffic."""
+    pinned to CPU 1; wrk, nginx, the stand-in and PostgreSQL (its server, so every backend it forks) to CPU 0:
+    the gateway's one CPU is what the proxied requests and the re-checks share (a process saturated by proxied
+    traffic), and the work re-checks cause elsewhere (database, GitLab) does not land on it."""
     out = Rounds()
-    with pinned([gateway], others, wrk):
+    with pinned([gateway], [*others, *postgres_of(dsn)], wrk):
         for i in range(rounds):
             for phase in ("idle", "steady") if i % 2 == 0 else ("steady", "idle"):
                 if phase == "idle":
@@ -294,6 +297,23 @@ def interleaved(dsn: str, gateway: subprocess.Popen[bytes], others: list[subproc
                         dsn, "SELECT count(*) FROM gitlab_grants WHERE confirmed_at > $1", began)))
                     out.seconds += seconds
     return out
+
+
+@dataclass
+class _Pid:
+    """What run.pinned needs of a process: its pid."""
+
+    pid: int
+
+
+def postgres_of(dsn: str) -> list[subprocess.Popen[bytes]]:
+    """The PostgreSQL server behind `dsn` when it runs here (its socket directory is its data directory)."""
+    import psutil
+
+    socket_dir = dsn.partition("host=")[2].partition("&")[0]
+    found = [p for p in psutil.process_iter(["name", "cmdline"])
+             if socket_dir and p.info["name"] == "postgres" and socket_dir in " ".join(p.info["cmdline"] or [])]
+    return [_Pid(p.pid) for p in found]  # type: ignore[misc]
 
 
 def rounds_table(r: Rounds, users: int) -> list[str]:
