@@ -132,6 +132,10 @@ class Resyncer:
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wake = asyncio.Event()
         self._paused_until = 0.0  # monotonic: GitLab's 429 Retry-After holds the whole scheduler
+        # monotonic: the soonest next due time a re-check of this process has just written, and until when the
+        # loop is asleep; a sooner one wakes it (no look-up needed to meet it to the poll's granularity)
+        self._soonest = float("inf")
+        self._asleep_until = float("inf")
         self._requested: dict[int, float] = {}
         self._deferred: set[int] = set()
         # Re-checks the database failed under, by user id, until `settle` writes them (memory only: GitLab's
@@ -177,8 +181,12 @@ class Resyncer:
                     log.warning("re-check scheduler cannot reach the database", extra={"error": type(exc).__name__})
                 except Exception:
                     log.exception("re-check scheduler failed")
+            wait = min(wait, max(self._soonest - time.monotonic(), 0.0))
+            self._soonest = float("inf")
             if wait > 0 or len(running) >= CONCURRENCY:
+                self._asleep_until = time.monotonic() + wait
                 await self._sleep(stop, running, wait)
+                self._asleep_until = float("inf")
         if running:  # a re-check never raises; those still running finish or are cancelled by resync_ctx
             await asyncio.gather(*running, return_exceptions=True)
 
@@ -223,6 +231,12 @@ class Resyncer:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _due_at(self, when: float) -> None:
+        """A re-check of this process made its user due again at `when` (monotonic)."""
+        self._soonest = min(self._soonest, when)
+        if when < self._asleep_until:
+            self._wake.set()
 
     async def request(self, user_id: int) -> bool:
         """A webhook named this user: re-check at once, or (coalesced: False) once more when COALESCE seconds
@@ -310,6 +324,7 @@ class Resyncer:
     async def _process(self, grant: db_grants.Grant, owner: str, left: Unsettled, *,
                        require_session: bool, actor: str) -> Outcome:
         uid = grant.user_id
+        began = time.monotonic()  # about when the claim stamped claimed_at: the next due is `interval` after
         token = unseal(self.fernet, grant.refresh_token)
         if token is None:
             reason = "the kept grant cannot be decrypted with session.secrets" if grant.refresh_token else ""
@@ -361,6 +376,7 @@ class Resyncer:
             await self.gitlab.revoke(fresh.refresh_token or "")
             return Outcome("revoked", result.refusal)
         self.metrics.group_changes(len(result.added), len(result.removed))
+        self._due_at(began + self.interval)
         return Outcome("changed" if result.changed else "unchanged")
 
     async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, fetched: SignInData, actor: str
@@ -422,6 +438,7 @@ class Resyncer:
                 return Outcome("lost", "the re-check took longer than its lease")
             delay = backoff(held.failures + 1, self.interval, retry_after)
             await db_grants.failed(conn, uid, retry_in=delay, error=error)
+        self._due_at(time.monotonic() + delay)
         log.info("re-check failed; retrying later", extra={"user_id": uid, "error": error})
         return Outcome("failed", error)
 
