@@ -1,10 +1,11 @@
 """The sign-in rules of SPEC §5 (2-8; rule 1, the fetch, is gitlab.py), applied in ONE transaction.
 
-Concurrency: a transaction-scoped advisory lock per GitLab user id serializes sign-ins of the same person
-(20 tabs at once make one row), different people run in parallel; the unique indexes on users.gitlab_id and
-lower(login) and the primary key of memberships are the last line of defence. Groups about to be bound are
-locked in id order before any membership is written, so two sign-ins cannot deadlock; a deadlock or
-serialization failure PostgreSQL still reports is retried from the start, with nothing half-applied.
+Concurrency: locks are taken in the one order db/locks.py defines (the person's advisory lock, their users
+row, their grant row, groups in id order). The advisory lock per GitLab user id serializes sign-ins and
+re-checks of the same person (20 tabs at once make one row), different people run in parallel; the unique
+indexes on users.gitlab_id and lower(login) and the primary key of memberships are the last line of defence.
+A deadlock or serialization failure PostgreSQL still reports is retried from the start, with nothing
+half-applied.
 A refusal rolls the transaction back and is audited in a transaction of its own.
 """
 
@@ -21,6 +22,7 @@ from gateway.db import DB_UNAVAILABLE, unavailable
 from gateway.db import audit as db_audit
 from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
+from gateway.db import locks as db_locks
 from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
@@ -189,9 +191,8 @@ async def audit_refusal(pool: asyncpg.Pool, subject: str, reason: str, **details
 async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUser,
                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, session: NewSession
                  ) -> SignInResult:
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
     # Rule 3: find by GitLab id, else a pre-provisioned unlinked row by username.
-    user = await db_users.by_gitlab_id_for_update(conn, gl.id)
+    user = await lock_person(conn, gl.id)
     created = False
     holder = await db_users.by_login(conn, gl.username, for_update=True)
     if user is None and holder is not None and holder.gitlab_id is None:
@@ -209,6 +210,9 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
         await db_audit.record(conn, ACTOR, "user.created", user.login, gitlab_id=gl.id, provisioned_by="jit")
     else:
         user = await _refresh_existing(conn, user, gl, holder, actor=ACTOR)
+    replaced = None
+    if session.grant is not None:  # lock order step 3 (db/locks.py), before any group is locked
+        replaced = await db_grants.keep(conn, user.id, session.grant, interval=session.resync_interval)
     default_id = await db_users.add_default_membership(conn, user.id)
     added: list[str] = []
     removed: list[str] = []
@@ -226,9 +230,6 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
     sid = new_session_id()
     expires = await db_sessions.insert(conn, sid, user.id, lifetime=session.lifetime,
                                        user_agent=session.user_agent, client_ip=session.client_ip)
-    replaced = None
-    if session.grant is not None:
-        replaced = await db_grants.keep(conn, user.id, session.grant, interval=session.resync_interval)
     return SignInResult(user, identity, created, sid, expires, tuple(added), tuple(removed), tuple(mismatches),
                         replaced_grant=replaced)
 
@@ -253,8 +254,15 @@ async def _refresh_existing(conn: asyncpg.Connection, user: db_users.User, gl: G
     return user
 
 
-async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int, gl: GitLabUser,
-                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, actor: str,
+async def lock_person(conn: asyncpg.Connection, gitlab_id: int) -> db_users.User | None:
+    """Lock order steps 1 and 2 (db/locks.py): the person's advisory lock, then the users row linked to this
+    GitLab id (None when no row is linked to it yet)."""
+    await db_locks.person(conn, gitlab_id)
+    return await db_users.by_gitlab_id_for_update(conn, gitlab_id)
+
+
+async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int, linked: db_users.User | None,
+                  gl: GitLabUser, groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, actor: str,
                   audit_unchanged: bool = False) -> RecheckResult:
     """SPEC §11: rules 1, 2, 5-8 for a user whose session lives, inside the caller's transaction.
 
@@ -265,9 +273,11 @@ async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: in
     The same code as a sign-in; a refusal is returned (the caller revokes the sessions) instead of raised,
     and nothing of the refused user is changed. Rule 8's last_sync_at is the caller's to record, in the same
     transaction (db/grants.py SUCCEEDED writes it with the schedule, in one statement).
+
+    `linked` is what `lock_person(conn, gl.id)` returned: the caller takes the person's locks first, then its
+    grant row, in the order db/locks.py defines.
     """
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:' || $1::bigint::text, 0))", gl.id)
-    user = await db_users.by_gitlab_id_for_update(conn, gl.id)
+    user = linked
     if user is None or user.id != user_id:
         current = await db_users.by_id(conn, user_id)
         assert current is not None, "the grant row references the user"

@@ -363,15 +363,15 @@ class Resyncer:
             try:
                 result = await self._apply(uid, owner, grant, fetched, actor)
                 break
-            except provisioning.RACES:
-                # A sign-in or an administrator changed the same rows: everything rolled back; read again.
+            except provisioning.RACES as exc:
+                # An administrator changed the same rows: everything rolled back; read again.
+                log.info("re-check raced with another change; retrying",
+                         extra={"error": type(exc).__name__, "attempt": attempt + 1, "user_id": uid})
                 await asyncio.sleep(0.01 * (attempt + 1))
         else:
             return await self._fail(uid, owner, "kept colliding with other changes", None)
-        if result is None:
-            # Another claimant took over after our lease ran out; the token we saved is theirs to use now.
-            log.warning("re-check lease lost before its result was saved", extra={"user_id": uid})
-            return Outcome("lost", "the re-check took longer than its lease")
+        if isinstance(result, Outcome):
+            return result
         if result.refusal is not None:
             await self.gitlab.revoke(fresh.refresh_token or "")
             return Outcome("revoked", result.refusal)
@@ -380,13 +380,15 @@ class Resyncer:
         return Outcome("changed" if result.changed else "unchanged")
 
     async def _apply(self, uid: int, owner: str, grant: db_grants.Grant, fetched: SignInData, actor: str
-                     ) -> provisioning.RecheckResult | None:
-        """§5 rules 1, 2, 5-8 in ONE transaction; None when our lease was lost."""
+                     ) -> provisioning.RecheckResult | Outcome:
+        """§5 rules 1, 2, 5-8 in ONE transaction; a `lost` Outcome when our lease was lost."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # The lock order of db/locks.py: the person (as a sign-in takes it), then the grant row.
+            linked = await provisioning.lock_person(conn, fetched.user.id)
             if await db_grants.held(conn, uid, owner) is None:
-                return None
+                return await self._lost(conn, uid)
             result = await provisioning.recheck(
-                conn, self.cfg.provisioning, uid, fetched.user, fetched.groups,
+                conn, self.cfg.provisioning, uid, linked, fetched.user, fetched.groups,
                 bind_groups=self.cfg.gitlab.groups_source == "api", actor=actor, audit_unchanged=actor != ACTOR)
             if result.refusal is not None:
                 await self._revoke_in(conn, uid, result.user.login, result.refusal, result.message, actor)
@@ -396,6 +398,17 @@ class Resyncer:
                     # The user's 503 deadline moved: every process must drop its cached one.
                     await db_notify.notify(conn, "user", uid)
             return result
+
+    async def _lost(self, conn: asyncpg.Connection, uid: int) -> Outcome:
+        """Our lease is gone before the result was saved: a sign-in kept a newer grant (and applied the rules
+        itself, with fresher answers), or another claimant took over after our lease ran out (the token we
+        saved is theirs to use now)."""
+        current = await db_grants.by_user(conn, uid)
+        if current is not None and current.lease_owner is None:
+            log.info("re-check superseded by a sign-in", extra={"user_id": uid})
+            return Outcome("lost", "a sign-in replaced the grant during the re-check")
+        log.warning("re-check lease lost before its result was saved", extra={"user_id": uid})
+        return Outcome("lost", "the re-check took longer than its lease")
 
     async def _login(self, conn: asyncpg.Connection, user_id: int) -> str:
         user = await db_users.by_id(conn, user_id)
