@@ -63,7 +63,7 @@ def worker_main(cfg: Config, dsn: str, index: int, conn: Connection) -> None:
 
 
 async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
-    from gateway.server import public_runner, start_site, stop_site
+    from gateway.server import public_runner, settle_heap, start_site, stop_site
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -83,6 +83,7 @@ async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
 
     try:
         await runner.setup()
+        settle_heap()
         site = await start_site(runner, cfg.server.listen, cfg, what="server.listen", reuse_port=True)
     except GatewayError as err:
         send(("failed", err.message))

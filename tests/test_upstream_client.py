@@ -487,3 +487,22 @@ async def test_a_gigabyte_chunked_each_way_in_bounded_memory(gateway_factory, un
     assert result["upload"] == {"received": GIGABYTE, "chunked": "chunked"}
     assert result["download_chunked"] == "chunked" and result["downloaded"] == GIGABYTE
     assert peak - baseline < 50 * 1024**2, f"gateway RSS grew {(peak - baseline) / 1024**2:.0f} MiB"
+
+
+# ---- the relayed response's headers ---------------------------------------------------------------------
+
+_NAMES = st.sampled_from(["Connection", "connection", "Keep-Alive", "Transfer-Encoding", "X-Hop", "x-hop", "Set-Cookie",
+                          "Content-Length", "Upgrade", "TE", "Trailer", "Proxy-Authenticate", "X-Kept", "Location"])
+_VALUES = st.sampled_from(["close", "X-Hop", "x-hop, keep-alive", " X-Kept ,", "a=b; Path=/", "1", "", "chunked"])
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=12))
+def test_relayed_response_headers_match_the_policys_response_headers(pairs: list[tuple[str, str]]) -> None:
+    """Property: the one-pass filter of the proxied path keeps exactly what HeaderPolicy.response_headers
+    keeps (hop-by-hop and Connection-listed names dropped, the rest in order, repeated names kept)."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from gateway.access.headers import HeaderPolicy
+
+    expected = list(HeaderPolicy().response_headers(CIMultiDictProxy(CIMultiDict(pairs))).items())
+    assert HeaderPolicy.relayed_response_headers(pairs) == expected

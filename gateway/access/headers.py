@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Final
@@ -187,6 +187,21 @@ class HeaderPolicy:
             if name.lower() not in drop:
                 out.add(name, value)
         return out
+
+    @staticmethod
+    def relayed_response_headers(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """`response_headers` for the (name, value) pairs of a parsed response head, in one pass (the proxied
+        path's upstream client hands them over as parsed; aiohttp's Response builds its multidict from them)."""
+        kept: list[tuple[str, str, str]] = []
+        listed: set[str] = set()
+        for name, value in pairs:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == "connection":
+                    listed.update(t for token in value.split(",") if (t := token.strip().lower()))
+                continue
+            kept.append((lower, name, value))
+        return [(name, value) for lower, name, value in kept if lower not in listed]
 
     def client_ip_is_trusted(self, ip: str) -> bool:
         """True when `ip` is inside `server.trusted_proxies`."""

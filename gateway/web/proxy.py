@@ -383,7 +383,7 @@ async def _cancelled(task: asyncio.Future[None]) -> None:
 
 async def _respond(proxy: Proxy, request: web.Request, conn: UpstreamConnection) -> web.StreamResponse:
     status = conn.status
-    headers = proxy.policy.response_headers(CIMultiDict(conn.headers))
+    headers = proxy.policy.relayed_response_headers(conn.headers)
     length = conn.content_length
     if (length is not None and length <= SMALL_BODY) or request.method == "HEAD" or status in (204, 304):
         try:
