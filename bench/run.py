@@ -389,6 +389,7 @@ LABELS = {
     "auth_request-cache": "nginx + auth_request, 5 s cache",
     "nginx-keepalive": "nginx proxy_pass + keepalive",
     "go": "Go stand-in (oauth2-proxy-like)",
+    "baseline": "gateway-1-info of --baseline",
     "signin-first": "sign-ins/s, first (50 groups)",
     "signin-repeat": "sign-ins/s, repeat (50 groups)",
 }
@@ -414,6 +415,9 @@ def main() -> int:
                         help="interleaved cookie/bearer-token rounds on gateway-1 (0: skip)")
     parser.add_argument("--peer-rounds", type=int, default=4,
                         help="interleaved rounds of gateway-1-info (the default config), bare and go (0: skip)")
+    parser.add_argument("--baseline", default="", metavar="DIR",
+                        help="another checkout of the gateway (e.g. `git worktree add --detach DIR <commit>`): its "
+                             "gateway-1-info joins the peer rounds, for a before/after in one run")
     parser.add_argument("--signin-users", type=int, default=300, help="users signed in by the signin rows")
     parser.add_argument("--profile", default="", metavar="ROW",
                         help="record that row's server with py-spy during its measured run; print where its time goes")
@@ -556,10 +560,18 @@ def main() -> int:
                     bare_proc = procs.start([sys.executable, str(REPO / "bench" / "bare_proxy.py"), "--listen",
                                              f"127.0.0.1:{port}", "--upstream", upstream], "bare-peer")
                     wait_port(port, bare_proc, "bare proxy")
-                    peers = peer_rounds({"gateway-1-info": (info_url, cookie, proc),
-                                         "bare": (f"http://127.0.0.1:{port}/index.html", cookie, bare_proc),
-                                         "go": go}, rounds=args.peer_rounds, load=load,
-                                        connections=args.connections, others=[up_proc])
+                    rows = {"gateway-1-info": (info_url, cookie, proc),
+                            "bare": (f"http://127.0.0.1:{port}/index.html", cookie, bare_proc), "go": go}
+                    if args.baseline:
+                        # The same configuration served by the other checkout's code (cwd decides `-m gateway`).
+                        b_path, b_public, b_admin = gateway_config(workdir, "baseline", dsn=dsn, upstream=upstream,
+                                                                   workers=1, log_level="info")
+                        b_proc = procs.start([sys.executable, "-m", "gateway", "run", "--no-migrate", "-c",
+                                              str(b_path)], "baseline", cwd=Path(args.baseline).resolve())
+                        wait_ready(b_admin, b_proc)
+                        rows["baseline"] = (f"http://127.0.0.1:{b_public}/index.html", cookie, b_proc)
+                    peers = peer_rounds(rows, rounds=args.peer_rounds, load=load, connections=args.connections,
+                                        others=[up_proc])
                     procs.stop(bare_proc)
                     procs.stop(go[2])
                 procs.stop(proc)
@@ -662,7 +674,9 @@ def print_peers(peers: dict[str, list[Result]]) -> None:
         print(f"  {LABELS[name]:<36} {statistics.median(r.rps for r in results):>7.0f} req/s  "
               f"p99 {statistics.median(r.p99_ms for r in results):6.2f} ms  "
               f"{statistics.median(r.cpu_us for r in results):5.0f} us CPU/req")
-    for base in ("go", "bare"):
+    for base in ("go", "bare", "baseline"):
+        if base not in peers:
+            continue
         rps = [g.rps / b.rps for g, b in zip(peers["gateway-1-info"], peers[base], strict=True)]
         cpu = [b.cpu_us / g.cpu_us for g, b in zip(peers["gateway-1-info"], peers[base], strict=True)
                if g.cpu_us and b.cpu_us]
@@ -695,6 +709,9 @@ AREAS = (("access log / logging", ("gateway/logs.py", "logging/")),
          ("aiohttp client", ("aiohttp/client", "aiohttp/connector.py", "aiohttp/streams.py")),
          ("aiohttp server", ("aiohttp/web", "aiohttp/http_", "aiohttp/_http", "aiohttp/helpers.py",
                              "aiohttp/base_protocol.py", "aiohttp/multidict", "multidict/", "yarl/")),
+         # uvloop's socket writes are C code: a sample in one counts in the Python function that called it,
+         # here mostly UpstreamConnection.start (the request head's one write).
+         ("gateway upstream client", ("gateway/web/upstream_",)),
          ("gateway code", ("gateway/",)),
          ("event loop, sockets", ("asyncio/", "uvloop/", "selectors.py", "socket.py")))
 

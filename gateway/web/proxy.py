@@ -337,7 +337,7 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
     try:
         try:
             try:
-                conn = await pool.acquire()
+                conn = pool.take() or await pool.connect()
                 upload = await send(conn)
             except ConnectionDied as exc:
                 if not keepalive.may_retry(reused=exc.reused, answered=exc.answered,

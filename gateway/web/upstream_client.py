@@ -51,18 +51,21 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self._open: set[UpstreamConnection] = set()
 
-    async def acquire(self) -> UpstreamConnection:
-        """An idle connection young enough to reuse, or a new one."""
+    def take(self) -> UpstreamConnection | None:
+        """An idle connection young enough to reuse, if there is one (else `connect`)."""
         idle = self._idle
         if idle:
-            loop = asyncio.get_running_loop()
-            now = loop.time()
+            now = idle[-1].loop.time()
             while idle:
                 conn = idle.pop()
                 if now - conn.idle_since < conn.idle_limit and not conn.closed:
                     return conn
                 conn.close()
-        return await self.connect()
+        return None
+
+    async def acquire(self) -> UpstreamConnection:
+        """An idle connection young enough to reuse, or a new one."""
+        return self.take() or await self.connect()
 
     async def connect(self) -> UpstreamConnection:
         """A new connection (a retry never takes a pooled one: it could be dying too)."""
@@ -112,9 +115,9 @@ def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -
     identity (checked when they were read); one count of line breaks over the whole head is the last guard
     that no value could start a header or a request of its own (response splitting's mirror image).
     """
-    lines = [f"{name}: {value}\r\n" for name, value in headers]
-    text = f"{method} {target} HTTP/1.1\r\n{''.join(lines)}\r\n"
-    if text.count("\n") != len(lines) + 2 or text.count("\r") != len(lines) + 2:
+    lines = [f"{method} {target} HTTP/1.1", *map(": ".join, headers), "", ""]
+    text = "\r\n".join(lines)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
         raise BadRequest("A request header holds a line break")
     # aiohttp's encoding of what its parser decoded with surrogateescape: the bytes the client sent.
     return text.encode("utf-8", "surrogateescape")
