@@ -80,6 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
         # The current exchange (reset by start()).
         self.status = 0
         self.headers: list[tuple[str, str]] = []
+        self._raw: list[tuple[bytes, bytes]] = []  # the head being parsed
         self.content_length: int | None = None
         self.keep_alive = False
         self._head_bytes = 0
@@ -105,6 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.busy = True
         self.status = 0
         self.headers = []
+        self._raw = []
         self.content_length = None
         self.keep_alive = False
         self._head_bytes = 0
@@ -266,32 +268,26 @@ class UpstreamConnection(asyncio.Protocol):
             raise ProtocolViolation("bytes after the end of the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called per header: kept minimal, the head is read once it is complete (on_headers_complete).
+        raw = self._raw
+        raw.append((name, value))
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD:
             raise ProtocolViolation(f"response head over {MAX_HEAD} bytes")
-        # aiohttp's own decoding (surrogateescape): any byte the upstream sent is sent on unchanged.
-        text = value.decode("utf-8", "surrogateescape")
-        if len(name) in _FRAMING_LENGTHS:
-            lower = name.lower()
-            if lower == b"content-length":
-                self.content_length = int(value)  # llhttp checked it: digits only, one value
-            elif lower == b"transfer-encoding":
-                # The last coding decides (RFC 9112 §6.3): chunked, or the body runs to the close.
-                self._chunked = text.rpartition(",")[2].strip().lower() == "chunked"
-            elif lower == b"keep-alive":
-                limit = reuse_limit_of(text)
-                if limit is not None:
-                    self.idle_limit = min(self.pool.keepalive, limit)
-        self.headers.append((name.decode("utf-8", "surrogateescape"), text))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        raw = self._raw
+        self._raw = []
         if status < 200:
             # 100 Continue, 103 Early Hints...: consumed here, as aiohttp's client did (101 ends in HttpParserUpgrade).
-            self.headers = []
-            self.content_length = None
-            self._chunked = False
             return
+        for name, value in raw:
+            if len(name) in _FRAMING_LENGTHS:
+                self._framing(name.lower(), value)
+        # aiohttp's own decoding (surrogateescape): any byte the upstream sent is sent on unchanged.
+        self.headers = [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                        for name, value in raw]
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         self._final = True
@@ -300,6 +296,18 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._headers_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _framing(self, lower: bytes, value: bytes) -> None:
+        """What Content-Length, Transfer-Encoding and Keep-Alive say about the body and the connection."""
+        if lower == b"content-length":
+            self.content_length = int(value)  # llhttp checked it: digits only, one value
+        elif lower == b"transfer-encoding":
+            # The last coding decides (RFC 9112 §6.3): chunked, or the body runs to the close.
+            self._chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+        elif lower == b"keep-alive":
+            limit = reuse_limit_of(value.decode("latin-1"))
+            if limit is not None:
+                self.idle_limit = min(self.pool.keepalive, limit)
 
     def on_body(self, body: bytes) -> None:
         if self._is_head:
