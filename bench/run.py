@@ -9,6 +9,8 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
     nginx-keepalive     the same with an upstream{} block keeping idle connections (keepalive 32), as the
                         shipped deploy/nginx configs do
     bare                bench/bare_proxy.py: aiohttp pass-through, no authentication, one process
+    relay               bench/relay_floor.py: aiohttp's server + the gateway's upstream client and nothing else
+                        (uvloop): the floor under the gateway's proxied path; joins the peer rounds when selected
     gateway-1           the gateway in proxy mode, server.workers 1
     gateway-1-token     gateway-1 (tokens.enabled) with `Authorization: Bearer gwp_...` instead of the cookie
                         (SPEC §14); also measured interleaved with the cookie (--token-rounds)
@@ -374,12 +376,13 @@ def python_load(url: str, cookie: str, *, duration: int, connections: int) -> Re
 
 # ---- the run -----------------------------------------------------------------------------------------------
 
-NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "gateway-1", "gateway-1-token", "gateway-1-info",
+NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "relay", "gateway-1", "gateway-1-token", "gateway-1-info",
          "gateway-1-policy", "gateway-2", "auth_request", "auth_request-cache", "go", "signin-first", "signin-repeat"]
 LABELS = {
     "upstream": "upstream: nginx static 200 B",
     "nginx": "nginx proxy_pass alone",
     "bare": "bare aiohttp proxy (no auth)",
+    "relay": "relay floor (server + client only)",
     "gateway-1": "gateway workers=1",
     "gateway-1-token": "gateway workers=1, bearer token",
     "gateway-1-info": "gateway workers=1, access log on",
@@ -488,6 +491,14 @@ def main() -> int:
                 wait_port(port, proc, "bare proxy")
                 bare = (f"http://127.0.0.1:{port}/index.html", proc)
                 measure("bare", bare[0], cookie, [proc])
+            relay: tuple[str, str, subprocess.Popen[bytes]] | None = None
+            if "relay" in only:
+                port = free_port()
+                proc = procs.start([sys.executable, str(REPO / "bench" / "relay_floor.py"), "--listen",
+                                    f"127.0.0.1:{port}", "--upstream", upstream], "relay")
+                wait_port(port, proc, "relay floor")
+                relay = (f"http://127.0.0.1:{port}/index.html", cookie, proc)
+                measure("relay", relay[0], cookie, [proc])
             for workers in (1, 2):
                 rows = {f"gateway-{workers}"} | (
                     {"auth_request", "auth_request-cache", "gateway-1-policy", "gateway-1-token"}
@@ -562,6 +573,8 @@ def main() -> int:
                     wait_port(port, bare_proc, "bare proxy")
                     rows = {"gateway-1-info": (info_url, cookie, proc),
                             "bare": (f"http://127.0.0.1:{port}/index.html", cookie, bare_proc), "go": go}
+                    if relay is not None:
+                        rows["relay"] = relay
                     if args.baseline:
                         # The same configuration served by the other checkout's code (cwd decides `-m gateway`).
                         b_path, b_public, b_admin = gateway_config(workdir, "baseline", dsn=dsn, upstream=upstream,
@@ -674,7 +687,7 @@ def print_peers(peers: dict[str, list[Result]]) -> None:
         print(f"  {LABELS[name]:<36} {statistics.median(r.rps for r in results):>7.0f} req/s  "
               f"p99 {statistics.median(r.p99_ms for r in results):6.2f} ms  "
               f"{statistics.median(r.cpu_us for r in results):5.0f} us CPU/req")
-    for base in ("go", "bare", "baseline"):
+    for base in ("go", "bare", "relay", "baseline"):
         if base not in peers:
             continue
         rps = [g.rps / b.rps for g, b in zip(peers["gateway-1-info"], peers[base], strict=True)]
