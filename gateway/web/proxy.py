@@ -315,7 +315,7 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
     task = asyncio.current_task()
     assert task is not None
     deadlines = proxy.deadlines
-    loop = asyncio.get_running_loop()
+    loop = task.get_loop()  # not get_running_loop(): on CPython 3.11 each look-up is a getpid() system call
     started = loop.time()
     # Armed from the start (connect, the first chunk); with a body, the pacer moves it as it goes.
     deadlines.set(task, started + proxy.timeout)
