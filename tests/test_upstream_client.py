@@ -176,6 +176,34 @@ async def test_a_pooled_connection_closed_as_it_is_reused(gateway_factory, serve
                              ("DELETE", 0, 6), ("POST", 8, 6)]
 
 
+async def test_a_post_whose_body_had_not_started_is_retried(gateway_factory, serve_raw):
+    """The reused connection dies while the client's first body chunk is still on its way: nothing of the
+    body was taken, so the POST goes again on a new connection, body and all."""
+    upstream = DroppingUpstream()
+    gw = await public_gateway(gateway_factory, await serve_raw(upstream.handle))
+    async with aiohttp.ClientSession() as http:
+        assert (await http.get(f"{gw.public_url}/warm")).status == 200
+    host, port = gw.public_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        # The head alone first (a client library would hold it back until the first chunk).
+        writer.write(f"POST /late HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        await writer.drain()
+        for _ in range(500):  # the upstream gets the head on the pooled connection, and drops it
+            if len(upstream.seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert upstream.seen[1][0] == "POST"
+        writer.write(b"4\r\nlate\r\n0\r\n\r\n")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 200"), status_line
+    # The dropped POST and its retry on connection 2 (which answers it without reading the chunked body).
+    assert [(m, c) for m, _, c in upstream.seen] == [("GET", 1), ("POST", 1), ("POST", 2)]
+
+
 async def test_a_connection_dropped_after_part_of_an_answer_is_never_retried(gateway_factory, serve_raw, caplog):
     upstream = DroppingUpstream(partial=b"HTTP/1.1 200 O")
     gw = await public_gateway(gateway_factory, await serve_raw(upstream.handle))

@@ -290,7 +290,8 @@ class _BodyPacer:
             conn.request_sent()
             self.arm()  # all sent: the headers are due within `seconds`
         except BaseException:
-            self.started = True  # whatever went up is gone: never sent again
+            # `started` stays as it was: a body cancelled before its first chunk was taken (the connection died
+            # under the head) may still go again whole.
             conn.abort()
             raise
 
