@@ -29,6 +29,7 @@ HOP_BY_HOP: Final = frozenset({
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 AUTH_REQUEST_PREFIX: Final = "x-auth-request-"
+_NONE_LISTED: Final[frozenset[str]] = frozenset()
 
 # Other spellings of the facts X-Forwarded-* carry: believed from a trusted proxy, dropped from anyone else
 # so an upstream that reads them cannot be fooled about the client.
@@ -143,14 +144,18 @@ class HeaderPolicy:
         """Headers for the upstream request: `client_ip` is the direct peer, `scheme`/`host` our own view."""
         trusted = self.client_ip_is_trusted(client_ip)
         # Names a Connection header lists beyond the standard ones ("keep-alive" is already dropped by kind).
-        listed = connection_tokens(incoming) - HOP_BY_HOP
+        listed = connection_tokens(incoming) - HOP_BY_HOP if "Connection" in incoming else _NONE_LISTED
         out: CIMultiDict[str] = CIMultiDict()
         out["Host"] = incoming.get("Host", upstream_host) if pass_host_header else upstream_host
-        facts: dict[_Kind, list[str]] = {_Kind.FORWARDED_FOR: [], _Kind.FORWARDED_PROTO: [],
-                                         _Kind.FORWARDED_HOST: []}
+        # An untrusted peer's forwarding claims are dropped: not even collected.
+        facts: dict[_Kind, list[str]] | None = {
+            _Kind.FORWARDED_FOR: [], _Kind.FORWARDED_PROTO: [], _Kind.FORWARDED_HOST: []} if trusted else None
         kind_of = self._kind_of
         for name, value in incoming.items():
             kind = kind_of(name)
+            if kind is _Kind.PASS and not listed:  # most headers: straight through
+                out.add(name, value)
+                continue
             if kind is _Kind.DROP or (listed and name.lower() in listed):
                 continue
             if kind is _Kind.PASS or (kind is _Kind.CLIENT_FACT and trusted) or (
@@ -161,9 +166,9 @@ class HeaderPolicy:
                 kept = self.strip_own_cookies(value)
                 if kept:
                     out.add(name, kept)
-            elif kind in facts:
+            elif facts is not None and kind in facts:
                 facts[kind].append(value)
-        self._set_forwarding(out, facts if trusted else None, client_ip, scheme, host)
+        self._set_forwarding(out, facts, client_ip, scheme, host)
         if isinstance(identity, Identity):
             self._set_identity(out, identity)
         return out
@@ -264,8 +269,13 @@ class HeaderPolicy:
     @staticmethod
     def _set_forwarding(out: CIMultiDict[str], trusted_facts: dict[_Kind, list[str]] | None,
                         client_ip: str, scheme: str, host: str) -> None:
-        # Untrusted peer: its claims were collected only to be thrown away; ours replace them.
-        facts = trusted_facts or {}
+        if trusted_facts is None:  # an untrusted peer: our own view only
+            out["X-Forwarded-For"] = client_ip
+            out["X-Forwarded-Proto"] = scheme
+            if host:
+                out["X-Forwarded-Host"] = host
+            return
+        facts = trusted_facts
         out["X-Forwarded-For"] = ", ".join([*facts.get(_Kind.FORWARDED_FOR, ()), client_ip])
         out["X-Forwarded-Proto"] = ", ".join(facts.get(_Kind.FORWARDED_PROTO) or [scheme])
         forwarded_host = ", ".join(facts.get(_Kind.FORWARDED_HOST) or [host])
