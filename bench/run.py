@@ -20,9 +20,16 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
     gateway-2           the gateway in proxy mode, server.workers 2
     auth_request        nginx + auth_request to the gateway (deploy/nginx/auth_request.conf)
     auth_request-cache  the same with the 5 s auth cache (deploy/nginx/auth_request_cached.conf)
+    auth-endpoint       the gateway's {prefix}/auth alone (what nginx asks on a cache miss), wrk straight at
+                        gateway-1 with the cookie (answer 202 + X-Auth-Request-*); also measured interleaved
+                        with the Go stand-in's proxy row (--auth-rounds), target >= 1.5x
     go                  the Go stand-in for oauth2-proxy (shared/anchors/gostandin), if `go` is installed
     signin-first        whole browser sign-ins per second against the GitLab stand-in, users in 50 groups each,
     signin-repeat       first and repeat sign-ins (bench/signin.py); latency is a whole sign-in's, CPU per sign-in
+    signin-first-2      the gateway's; the -2 rows with server.workers 2 (issue 11: >= 300/s on 2 cores)
+    signin-repeat-2
+
+--auth-rounds also alternates auth_request-cache with nginx-keepalive (target >= 0.9x).
 
 Each row also reports the CPU time its own processes spent per request, which moves much less than req/s
 when something else competes for the cores. Finally bare and gateway-1 are measured again in interleaved
@@ -377,7 +384,8 @@ def python_load(url: str, cookie: str, *, duration: int, connections: int) -> Re
 # ---- the run -----------------------------------------------------------------------------------------------
 
 NAMES = ["upstream", "nginx", "nginx-keepalive", "bare", "relay", "gateway-1", "gateway-1-token", "gateway-1-info",
-         "gateway-1-policy", "gateway-2", "auth_request", "auth_request-cache", "go", "signin-first", "signin-repeat"]
+         "gateway-1-policy", "gateway-2", "auth_request", "auth_request-cache", "auth-endpoint", "go", "signin-first",
+         "signin-repeat", "signin-first-2", "signin-repeat-2"]
 LABELS = {
     "upstream": "upstream: nginx static 200 B",
     "nginx": "nginx proxy_pass alone",
@@ -390,11 +398,14 @@ LABELS = {
     "gateway-2": "gateway workers=2",
     "auth_request": "nginx + auth_request -> gateway",
     "auth_request-cache": "nginx + auth_request, 5 s cache",
+    "auth-endpoint": "gateway /oauth2/auth alone (202)",
     "nginx-keepalive": "nginx proxy_pass + keepalive",
     "go": "Go stand-in (oauth2-proxy-like)",
     "baseline": "gateway-1-info of --baseline",
     "signin-first": "sign-ins/s, first (50 groups)",
     "signin-repeat": "sign-ins/s, repeat (50 groups)",
+    "signin-first-2": "sign-ins/s, first, workers=2",
+    "signin-repeat-2": "sign-ins/s, repeat, workers=2",
 }
 
 
@@ -421,6 +432,8 @@ def main() -> int:
     parser.add_argument("--baseline", default="", metavar="DIR",
                         help="another checkout of the gateway (e.g. `git worktree add --detach DIR <commit>`): its "
                              "gateway-1-info joins the peer rounds, for a before/after in one run")
+    parser.add_argument("--auth-rounds", type=int, default=4,
+                        help="interleaved rounds of auth-endpoint/go and auth_request-cache/nginx-keepalive (0: skip)")
     parser.add_argument("--signin-users", type=int, default=300, help="users signed in by the signin rows")
     parser.add_argument("--profile", default="", metavar="ROW",
                         help="record that row's server with py-spy during its measured run; print where its time goes")
@@ -434,18 +447,22 @@ def main() -> int:
     policy_interleaved: list[float] = []
     token_interleaved: list[float] = []
     peers: dict[str, list[Result]] = {}
+    # auth-endpoint vs go, auth_request-cache vs nginx-keepalive, in alternating rounds (--auth-rounds)
+    auth_pairs: dict[str, list[Result]] = {}
+    fronts: dict[str, tuple[str, str, subprocess.Popen[bytes]]] = {}
     profile = ""
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     workdir.chmod(0o755)
     procs = Processes(workdir)
 
-    def measure(name: str, url: str, cookie: str, servers: list[subprocess.Popen[bytes]]) -> None:
+    def measure(name: str, url: str, cookie: str, servers: list[subprocess.Popen[bytes]], *,
+                expect: int = 200) -> None:
         """Load `url`; also count the CPU time `servers` (and their children) spend per request: unlike
         req/s, that barely moves when something else on the machine competes for the cores."""
         status, body = fetch(url, cookie)
-        if status != 200 or body != PAGE:
-            raise SystemExit(f"{name}: expected the 200-byte page, got {status} {body[:200]!r}")
+        if status != expect or (expect == 200 and body != PAGE):
+            raise SystemExit(f"{name}: expected {expect} (the 200-byte page), got {status} {body[:200]!r}")
         nonlocal profile
         load(url, cookie, duration=1, connections=args.connections)  # warm-up
         before = cpu_seconds(servers)
@@ -464,7 +481,8 @@ def main() -> int:
         up, up_proc = procs.nginx("upstream", f"server {{ LISTEN location / {{ root {workdir / 'www'}; }} }}")
         upstream = f"http://127.0.0.1:{up}"
         wanted = only & {"gateway-1", "gateway-1-token", "gateway-1-info", "gateway-1-policy", "gateway-2",
-                         "auth_request", "auth_request-cache", "signin-first", "signin-repeat"}
+                         "auth_request", "auth_request-cache", "auth-endpoint", "signin-first", "signin-repeat",
+                         "signin-first-2", "signin-repeat-2"}
         with database(workdir) if wanted else contextlib.nullcontext("") as dsn:
             # Every row gets the same request, this cookie included (only the gateways read it).
             cookie = f"_gateway={asyncio.run(mint_session(dsn))}" if wanted else "_gateway=x"
@@ -483,6 +501,7 @@ def main() -> int:
                     proxy_pass http://bench_app; proxy_http_version 1.1; proxy_set_header Connection "";
                     proxy_set_header Host $host; proxy_set_header X-Forwarded-For $remote_addr; }} }}""")
                 measure("nginx-keepalive", f"http://127.0.0.1:{port}/index.html", cookie, [proc])
+                fronts["nginx-keepalive"] = (f"http://127.0.0.1:{port}/index.html", cookie, proc)
             bare: tuple[str, subprocess.Popen[bytes]] | None = None
             if "bare" in only:
                 port = free_port()
@@ -501,7 +520,7 @@ def main() -> int:
                 measure("relay", relay[0], cookie, [proc])
             for workers in (1, 2):
                 rows = {f"gateway-{workers}"} | (
-                    {"auth_request", "auth_request-cache", "gateway-1-policy", "gateway-1-token"}
+                    {"auth_request", "auth_request-cache", "auth-endpoint", "gateway-1-policy", "gateway-1-token"}
                     if workers == 1 else set())
                 if not rows & only:
                     continue
@@ -534,6 +553,14 @@ def main() -> int:
                         server = deploy_server(conf, gateway=public, upstream=up)
                         port, front = procs.nginx(name, "include auth_request_cache.conf;\n" + server, files)
                         measure(name, f"http://127.0.0.1:{port}/index.html", cookie, [front, proc])
+                        fronts[name] = (f"http://127.0.0.1:{port}/index.html", cookie, front)
+                if workers == 1 and "auth-endpoint" in only:
+                    auth_url = f"http://127.0.0.1:{public}/oauth2/auth"
+                    measure("auth-endpoint", auth_url, cookie, [proc], expect=202)
+                    fronts["auth-endpoint"] = (auth_url, cookie, proc)
+                if workers == 1 and args.auth_rounds:
+                    auth_pairs = auth_rounds(fronts, workdir, procs, upstream, rounds=args.auth_rounds, load=load,
+                                             connections=args.connections, others=[up_proc])
                 if workers == 1 and "gateway-1-policy" in only:
                     p_path, p_public, p_admin = gateway_config(workdir, "gateway-1-policy", dsn=dsn,
                                                                upstream=upstream, workers=1, extra=policy_sections())
@@ -548,11 +575,11 @@ def main() -> int:
                             rounds=args.policy_rounds, load=load, connections=args.connections, others=[up_proc])
                     procs.stop(p_proc)
                 procs.stop(proc)
-            if {"signin-first", "signin-repeat"} & only:
+            if {"signin-first", "signin-repeat", "signin-first-2", "signin-repeat-2"} & only:
                 import signin
 
                 signin_rows, signin_profile = signin.rows(procs, workdir, dsn, upstream, args.signin_users,
-                                                          args.profile)
+                                                          args.profile, frozenset(only))
                 results.update(signin_rows)
                 profile = signin_profile or profile
             if "gateway-1-info" in only:
@@ -607,6 +634,8 @@ def main() -> int:
               f"[{' '.join(f'{x:.2f}' for x in token_interleaved)}] (target >= 0.90x)")
     if peers:
         print_peers(peers)
+    if auth_pairs:
+        print_auth_pairs(auth_pairs)
     if profile:
         print("\n" + profile)
     if policy_interleaved:
@@ -636,20 +665,29 @@ def go_standin(workdir: Path, procs: Processes,
     return f"http://127.0.0.1:{port}/index.html", f"_session={minted.stdout.strip()}", proc
 
 
+def pin_threads(proc: subprocess.Popen[bytes], cpus: list[int]) -> None:
+    """Pin every thread of `proc` and of its children: the affinity of a pid is only its main thread's, and a
+    Go server (or nginx's thread pool) started its other threads before we pin."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for thread in p.threads():
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(thread.id, cpus)
+
+
 @contextlib.contextmanager
 def pinned(servers: list[subprocess.Popen[bytes]], others: list[subprocess.Popen[bytes]],
            load: Callable[..., Result]) -> Iterator[None]:
     """Servers on CPU 1, the load generator and the upstream on CPU 0 (when there are two CPUs and wrk)."""
-    import psutil
-
     pin = (os.cpu_count() or 1) >= 2 and load is wrk
     if pin:
         for proc in servers:
-            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
-                p.cpu_affinity([1])
+            pin_threads(proc, [1])
         for proc in others:
-            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
-                p.cpu_affinity([0])
+            pin_threads(proc, [0])
         WRK_PREFIX[:] = ["taskset", "-c", "0"]
     try:
         yield
@@ -658,9 +696,7 @@ def pinned(servers: list[subprocess.Popen[bytes]], others: list[subprocess.Popen
             WRK_PREFIX.clear()
             every = list(range(os.cpu_count() or 1))
             for proc in (*servers, *others):
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children()):
-                        p.cpu_affinity(every)
+                pin_threads(proc, every)
 
 
 def peer_rounds(rows: dict[str, tuple[str, str, subprocess.Popen[bytes]]], *, rounds: int,
@@ -677,6 +713,41 @@ def peer_rounds(rows: dict[str, tuple[str, str, subprocess.Popen[bytes]]], *, ro
                 r.cpu_us = (cpu_seconds([proc]) - before) / max(r.requests, 1) * 1e6
                 out[name].append(r)
     return out
+
+
+def auth_rounds(fronts: dict[str, tuple[str, str, subprocess.Popen[bytes]]], workdir: Path, procs: Processes,
+                upstream: str, *, rounds: int, load: Callable[..., Result], connections: int,
+                others: list[subprocess.Popen[bytes]]) -> dict[str, list[Result]]:
+    """The two auth_request targets of issue 11 in alternating rounds: {prefix}/auth alone next to the Go
+    stand-in's proxy row, and nginx with the auth cache next to nginx with the same keep-alive pools."""
+    out: dict[str, list[Result]] = {}
+    if "auth-endpoint" in fronts:
+        go = go_standin(workdir, procs, upstream)
+        if go is not None:
+            out |= peer_rounds({"auth-endpoint": fronts["auth-endpoint"], "go": go}, rounds=rounds, load=load,
+                               connections=connections, others=others)
+            procs.stop(go[2])
+    if {"auth_request-cache", "nginx-keepalive"} <= set(fronts):
+        out |= peer_rounds({k: fronts[k] for k in ("auth_request-cache", "nginx-keepalive")}, rounds=rounds,
+                           load=load, connections=connections, others=others)
+    return out
+
+
+def print_auth_pairs(pairs: dict[str, list[Result]]) -> None:
+    for name, base, target in (("auth-endpoint", "go", 1.5), ("auth_request-cache", "nginx-keepalive", 0.9)):
+        if name not in pairs or base not in pairs:
+            continue
+        rps = [a.rps / b.rps for a, b in zip(pairs[name], pairs[base], strict=True)]
+        cpu = [b.cpu_us / a.cpu_us for a, b in zip(pairs[name], pairs[base], strict=True) if a.cpu_us and b.cpu_us]
+        print(f"\n{LABELS[name]} / {LABELS[base]}, {len(rps)} interleaved rounds of 2 s, servers pinned to CPU 1 "
+              f"(wrk and the upstream to CPU 0):")
+        for row in (name, base):
+            print(f"  {LABELS[row]:<36} {statistics.median(r.rps for r in pairs[row]):>7.0f} req/s  "
+                  f"p99 {statistics.median(r.p99_ms for r in pairs[row]):6.2f} ms  "
+                  f"{statistics.median(r.cpu_us for r in pairs[row] if r.cpu_us):5.0f} us CPU/req")
+        verdict = "met" if statistics.median(rps) >= target else "NOT met"
+        print(f"  req/s {statistics.median(rps):.2f}x [{' '.join(f'{x:.2f}' for x in rps)}] (target >= {target}x: "
+              f"{verdict}); by CPU per request {statistics.median(cpu):.2f}x [{' '.join(f'{x:.2f}' for x in cpu)}]")
 
 
 def print_peers(peers: dict[str, list[Result]]) -> None:
@@ -822,7 +893,7 @@ def print_table(results: dict[str, Result], args: argparse.Namespace, elapsed: f
     # The shipped auth_request configs pool connections, so their like-for-like nginx is nginx-keepalive.
     targets = (("gateway-1", "bare", 0.85), ("gateway-1-policy", "gateway-1", 0.95),
                ("gateway-1-token", "gateway-1", 0.90),
-               ("auth_request-cache", "nginx-keepalive", 0.7),
+               ("auth_request-cache", "nginx-keepalive", 0.9), ("auth-endpoint", "go", 1.5),
                ("auth_request-cache", "nginx", 0.7), ("auth_request-cache", "go", 1.5))
     for name, base, target in targets:
         value = ratio(name, base)

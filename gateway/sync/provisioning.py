@@ -20,11 +20,10 @@ import asyncpg
 from gateway.config import ProvisioningConfig
 from gateway.db import DB_UNAVAILABLE, unavailable
 from gateway.db import audit as db_audit
-from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
 from gateway.db import locks as db_locks
 from gateway.db import notify as db_notify
-from gateway.db import sessions as db_sessions
+from gateway.db import signin as db_signin
 from gateway.db import users as db_users
 from gateway.errors import DatabaseUnavailable, SignInRefused
 from gateway.identity import Identity
@@ -116,7 +115,7 @@ async def sign_in(pool: asyncpg.Pool, cfg: ProvisioningConfig, user: GitLabUser,
         _check_gitlab(cfg, user, groups)
         for attempt in range(RETRIES):
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                async with pool.acquire() as conn, db_signin.user_transaction(conn, user.id):
                     return await _apply(conn, cfg, user, groups, bind_groups=bind_groups, session=session)
             except RACES as exc:
                 # Another transaction changed what we read (a login taken, a group deleted, the same GitLab
@@ -191,10 +190,12 @@ async def audit_refusal(pool: asyncpg.Pool, subject: str, reason: str, **details
 async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUser,
                  groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool, session: NewSession
                  ) -> SignInResult:
-    # Rule 3: find by GitLab id, else a pre-provisioned unlinked row by username.
-    user = await lock_person(conn, gl.id)
+    # Rule 3: find by GitLab id, else a pre-provisioned unlinked row by username; with everything rules 6-7 need.
+    synced = cfg.sync_groups and groups is not None
+    matchable = _matchable(cfg, groups if synced else None, bind_groups=bind_groups)
+    user, holder, state = await db_signin.sign_in_state(conn, gl.id, gl.username, matchable.gitlab_ids,
+                                                        matchable.paths)
     created = False
-    holder = await db_users.by_login(conn, gl.username, for_update=True)
     if user is None and holder is not None and holder.gitlab_id is None:
         user = holder  # link it below by writing gitlab_id
     if user is None:
@@ -210,28 +211,21 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
         await db_audit.record(conn, ACTOR, "user.created", user.login, gitlab_id=gl.id, provisioned_by="jit")
     else:
         user = await _refresh_existing(conn, user, gl, holder, actor=ACTOR)
-    replaced = None
-    if session.grant is not None:  # lock order step 3 (db/locks.py), before any group is locked
-        replaced = await db_grants.keep(conn, user.id, session.grant, interval=session.resync_interval)
-    default_id = await db_users.add_default_membership(conn, user.id)
-    added: list[str] = []
-    removed: list[str] = []
-    mismatches: list[str] = []
-    if cfg.sync_groups and groups is not None:
-        added, removed, mismatches = await _sync(conn, cfg, user.id, groups, default_id, bind_groups=bind_groups)
-        if added or removed:
-            await db_notify.notify(conn, "user", user.id)
-    user = await db_users.mark_signed_in(conn, user.id, synced=cfg.sync_groups and groups is not None)
-    await db_audit.record(conn, ACTOR, "sign_in", user.login, gitlab_id=gl.id, added=added, removed=removed,
-                          synced=cfg.sync_groups)
-    names = sorted(m.name for m in await db_users.memberships(conn, user.id))
-    identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=tuple(names),
-                        gitlab_id=user.gitlab_id)
+    added, removed, mismatches = await _memberships(conn, cfg, user.id, matchable, bind_groups=bind_groups,
+                                                    actor=ACTOR, state=state)
+    if added or removed:
+        await db_notify.notify(conn, "user", user.id)
     sid = new_session_id()
-    expires = await db_sessions.insert(conn, sid, user.id, lifetime=session.lifetime,
-                                       user_agent=session.user_agent, client_ip=session.client_ip)
-    return SignInResult(user, identity, created, sid, expires, tuple(added), tuple(removed), tuple(mismatches),
-                        replaced_grant=replaced)
+    done = await db_signin.finish(
+        conn, user.id, synced=synced, sid=sid, lifetime=session.lifetime, user_agent=session.user_agent,
+        client_ip=session.client_ip, grant=session.grant, grant_interval=session.resync_interval, actor=ACTOR,
+        login=user.login, details={"gitlab_id": gl.id, "added": added, "removed": removed,
+                                   "synced": cfg.sync_groups})
+    user = done.user
+    identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=done.group_names,
+                        gitlab_id=user.gitlab_id)
+    return SignInResult(user, identity, created, sid, done.expires_at, tuple(added), tuple(removed),
+                        tuple(mismatches), replaced_grant=done.replaced_grant)
 
 
 async def _refresh_existing(conn: asyncpg.Connection, user: db_users.User, gl: GitLabUser,
@@ -292,11 +286,10 @@ async def recheck(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: in
         user = await _refresh_existing(conn, user, gl, holder, actor=actor)
     except _Refusal as refusal:
         return RecheckResult(user, refusal=refusal.code, message=refusal.message)
-    default_id = await db_users.add_default_membership(conn, user.id)
-    added: list[str] = []
-    removed: list[str] = []
-    if cfg.sync_groups and groups is not None:
-        added, removed, _ = await _sync(conn, cfg, user.id, groups, default_id, bind_groups=bind_groups, actor=actor)
+    added, removed, _ = await _memberships(conn, cfg, user.id,
+                                           _matchable(cfg, groups if cfg.sync_groups else None,
+                                                      bind_groups=bind_groups),
+                                           bind_groups=bind_groups, actor=actor)
     if added or removed or audit_unchanged:  # (a profile change is audited as `user.updated`)
         await db_audit.record(conn, actor, "sync.resync", user.login, gitlab_id=gl.id, added=added, removed=removed)
     changed = bool(added or removed) or (before.login, before.email) != (user.login, user.email)
@@ -313,63 +306,102 @@ def _username_taken(gl: GitLabUser, holder: db_users.User) -> _Refusal:
         {"login": gl.username, "held_by_gitlab_id": holder.gitlab_id})
 
 
-async def _sync(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int,
-                groups: tuple[GitLabGroup, ...], default_id: int, *, bind_groups: bool, actor: str = ACTOR
-                ) -> tuple[list[str], list[str], list[str]]:
-    """Rules 6 and 7: make the user's memberships match their GitLab groups that exist locally."""
-    if cfg.allowed_groups:
+@dataclass(frozen=True, slots=True)
+class _Matchable:
+    """The GitLab groups rules 6-7 consider (None: sync off), and what to look them up by."""
+
+    groups: tuple[GitLabGroup, ...] | None
+    gitlab_ids: list[int]
+    paths: list[str]
+
+
+def _matchable(cfg: ProvisioningConfig, groups: tuple[GitLabGroup, ...] | None, *, bind_groups: bool) -> _Matchable:
+    if groups is not None and cfg.allowed_groups:
         # SPEC §16: only groups inside the allowed subtrees are matched and bound. Elsewhere on gitlab.com a
         # stranger may own a top-level group named like a local group ("ops") and would be synced into it.
         groups = tuple(g for g in groups if in_allowed_groups((g,), cfg.allowed_groups))
+    return _Matchable(groups, [g.id for g in groups or () if g.id is not None] if bind_groups else [],
+                      list(dict.fromkeys(g.full_path for g in groups or ())))
+
+
+async def _memberships(conn: asyncpg.Connection, cfg: ProvisioningConfig, user_id: int, matchable: _Matchable,
+                       *, bind_groups: bool, actor: str, state: db_signin.GroupState | None = None
+                       ) -> tuple[list[str], list[str], list[str]]:
+    """The default group (rule 4) and, with groups to match (sync on), rules 6 and 7: one read of everything
+    they need (unless the caller read it), one write of the memberships that change (none when nothing does).
+    (added, removed, mismatches)."""
+    groups = matchable.groups
+    if state is None:
+        state = await db_signin.group_state(conn, user_id, matchable.gitlab_ids, matchable.paths)
+    default_id = state.default[0]
+    have = {group_id: (name, source) for group_id, name, source in state.memberships}
+    add: list[tuple[int, str]] = [] if default_id in have else [(default_id, "default")]
+    target: dict[int, str] = {}
+    mismatches: list[str] = []
+    if groups is not None:
+        target, mismatches = await _targets(conn, groups, state, bind_groups=bind_groups, actor=actor)
+    add += [(gid, "sync") for gid in sorted(set(target) - set(have))]
+    # With sync_groups off (groups None), memberships stay exactly as they are (rule 6).
+    drop = [gid for gid, (_name, source) in have.items() if groups is not None and gid not in target
+            and gid != default_id and (source == "sync" or not cfg.keep_manual_memberships)]
+    inserted = await db_signin.change_memberships(conn, user_id, add, drop) if add or drop else set()
+    added = sorted(target[gid] for gid in inserted if gid != default_id)
+    return added, sorted(have[gid][0] for gid in drop), mismatches
+
+
+async def _targets(conn: asyncpg.Connection, groups: tuple[GitLabGroup, ...], state: db_signin.GroupState, *,
+                   bind_groups: bool, actor: str) -> tuple[dict[int, str], list[str]]:
+    """Rules 6 and 7: the local groups (id -> name) the user belongs in, and the groups not bound for a
+    mismatch. Binding, renames and case mismatches (rare) write here, one statement per row."""
+    default_id = state.default[0]
     by_path = {g.full_path: g for g in groups}
     target: dict[int, str] = {}
     if bind_groups:
         # SPEC §11: a bound group matches its GitLab id whatever its path is now, and follows renames.
         by_id = {g.id: g for g in groups if g.id is not None}
-        for bound in await db_groups.by_gitlab_ids(conn, list(by_id)) if by_id else []:
-            if bound.id != default_id and bound.gitlab_group_id is not None:
-                new_path = by_id[bound.gitlab_group_id].full_path
-                target[bound.id] = await renames.follow(conn, bound, new_path, actor=actor)
-    await renames.report_case_mismatches(conn, list(by_path), actor=actor)
-    candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id] if by_path else []
-    unbound = [g.id for g in candidates if g.gitlab_group_id is None]
+        for gid, name, builtin, gitlab_group_id in state.bound:
+            if gid == default_id:
+                continue
+            new_path = by_id[gitlab_group_id].full_path
+            if name == new_path or builtin:
+                target[gid] = name
+            else:
+                bound = await db_groups.by_id(conn, gid)
+                if bound is not None:
+                    target[gid] = await renames.follow(conn, bound, new_path, actor=actor)
+    await renames.report_case_mismatches(conn, list(by_path), actor=actor, found=state.case_mismatches)
+    candidates = [(gid, name, gitlab_group_id) for gid, name, gitlab_group_id in state.named if gid != default_id]
+    unbound = [gid for gid, _name, gitlab_group_id in candidates if gitlab_group_id is None]
     if bind_groups and unbound:
-        # Read again under the locks: another sign-in may have bound one of them meanwhile.
+        # Lock the groups about to be bound, in id order, and read them again: a concurrent sign-in may have
+        # bound them meanwhile (the lock order keeps two sign-ins from deadlocking).
         await db_groups.lock_for_binding(conn, unbound)
-        candidates = [g for g in await db_groups.by_names(conn, list(by_path)) if g.id != default_id]
+        candidates = [(g.id, g.name, g.gitlab_group_id) for g in await db_groups.by_names(conn, list(by_path))
+                      if g.id != default_id]
     mismatches: list[str] = []
-    for local in candidates:
-        if local.id in target:
+    for gid, name, local_gitlab_id in candidates:
+        if gid in target:
             continue
-        gitlab_id = by_path[local.name].id
+        gitlab_id = by_path[name].id
         if not bind_groups or gitlab_id is None:
-            target[local.id] = local.name
-        elif local.gitlab_group_id is None:
-            if await db_groups.bind(conn, local.id, gitlab_id):
-                await db_audit.record(conn, actor, "group.bound", local.name, gitlab_group_id=gitlab_id)
-                target[local.id] = local.name
+            target[gid] = name
+        elif local_gitlab_id is None:
+            if await db_groups.bind(conn, gid, gitlab_id):
+                await db_audit.record(conn, actor, "group.bound", name, gitlab_group_id=gitlab_id)
+                target[gid] = name
             else:
                 # Another local group is bound to this GitLab group (it was renamed at GitLab and a group
                 # with the new name was created here): bind neither, say so, and let an administrator merge.
-                mismatches.append(local.name)
-                await db_audit.record(conn, actor, "group.binding_mismatch", local.name,
+                mismatches.append(name)
+                await db_audit.record(conn, actor, "group.binding_mismatch", name,
                                       seen_gitlab_group_id=gitlab_id,
                                       message="this GitLab group is already bound to another local group "
                                               "(renamed at GitLab?); rename or delete one of the two")
-        elif local.gitlab_group_id == gitlab_id:
-            target[local.id] = local.name
+        elif local_gitlab_id == gitlab_id:
+            target[gid] = name
         else:
-            mismatches.append(local.name)
-            await db_audit.record(conn, actor, "group.binding_mismatch", local.name,
-                                  bound_gitlab_group_id=local.gitlab_group_id, seen_gitlab_group_id=gitlab_id,
+            mismatches.append(name)
+            await db_audit.record(conn, actor, "group.binding_mismatch", name,
+                                  bound_gitlab_group_id=local_gitlab_id, seen_gitlab_group_id=gitlab_id,
                                   message="a GitLab group with this path but another id was ignored")
-    current = await db_users.memberships(conn, user_id)
-    have = {m.group_id for m in current}
-    added = []
-    for gid in sorted(set(target) - have):
-        if await db_users.add_membership(conn, user_id, gid, "sync"):
-            added.append(target[gid])
-    drop = [m for m in current if m.group_id not in target and m.group_id != default_id
-            and (m.source == "sync" or not cfg.keep_manual_memberships)]
-    await db_users.remove_memberships(conn, user_id, [m.group_id for m in drop])
-    return sorted(added), sorted(m.name for m in drop), mismatches
+    return target, mismatches

@@ -8,6 +8,8 @@ full path for the id (at sign-in, re-check or webhook) the local group takes the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import asyncpg
 
 from gateway.db import audit as db_audit
@@ -42,14 +44,16 @@ async def follow(conn: asyncpg.Connection, local: db_groups.Group, full_path: st
     return full_path
 
 
-async def report_case_mismatches(conn: asyncpg.Connection, paths: list[str], *, actor: str) -> None:
-    """Audit `group.case_mismatch` once per (local group, GitLab path) pair that differ only in case."""
+async def report_case_mismatches(conn: asyncpg.Connection, paths: list[str], *, actor: str,
+                                 found: Iterable[tuple[int, str]] | None = None) -> None:
+    """Audit `group.case_mismatch` once per (local group, GitLab path) pair that differ only in case.
+    `found`: the (group id, name) pairs of db_groups.case_mismatches(paths), when the caller read them already."""
     if not paths:
         return
     by_lower: dict[str, list[str]] = {}
     for p in paths:
         by_lower.setdefault(p.lower(), []).append(p)
-    for group_id, name in await db_groups.case_mismatches(conn, paths):
+    for group_id, name in await db_groups.case_mismatches(conn, paths) if found is None else found:
         for path in by_lower.get(name.lower(), []):
             if path != name and await db_groups.remember_case_mismatch(conn, group_id, path):
                 await db_audit.record(conn, actor, "group.case_mismatch", name, gitlab_path=path,
