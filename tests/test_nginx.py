@@ -168,3 +168,34 @@ async def test_a_bearer_token_through_nginx(gateway_factory, upstream, unused_tc
                         break
                 await asyncio.sleep(0.02)
             assert r.status in (302, 401)
+
+
+async def test_a_renewed_cache_entry_is_read_from_its_new_file(gateway_factory, upstream, unused_tcp_port_factory):
+    """auth_request_cached.conf keeps its entries' files open (open_file_cache): once an entry expires and the
+    gateway's new answer replaces it, the following hits serve the new answer, never the old file's."""
+    nginx_port = unused_tcp_port_factory()
+    nginx_url = f"http://127.0.0.1:{nginx_port}"
+    gw = await gateway_factory(server={"public_url": nginx_url, "trusted_proxies": ["127.0.0.1/32"]})
+    gw.fake.add_user(10, "alice", email="alice@example.com")
+    gateway = URL(gw.public_url).raw_authority
+    with run_nginx("auth_request_cached.conf", nginx_port=nginx_port, gateway=gateway,
+                   upstream=URL(upstream).raw_authority):
+        via_nginx: Gateway = dataclasses.replace(gw, public_url=nginx_url)
+        async with via_nginx.browser() as b:
+            await b.sign_in("alice", rd="/")
+
+            async def groups() -> list[str]:
+                r = await b.http.get(nginx_url + "/page", allow_redirects=False)
+                assert r.status == 200
+                return echoed_headers(await r.json())["x-forwarded-groups"]
+
+            assert await groups() == ["gateway-users"]
+            assert await groups() == ["gateway-users"]  # from the cache
+            async with gw.admin() as admin:
+                r = await admin.post("/api/v1/groups", json={"name": "ops"})
+                group = await r.json()
+                r = await admin.post(f"/api/v1/groups/{group['id']}/members", json={"login": "alice"})
+                assert r.status == 201
+            await asyncio.sleep(6.2)  # the 5 s entry has expired (nginx counts whole seconds)
+            for _ in range(3):  # the new answer, then twice from the entry that replaced the old one
+                assert await groups() == ["gateway-users,ops"]
