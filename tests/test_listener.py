@@ -6,7 +6,9 @@ client library."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -19,8 +21,21 @@ from gateway.listener import Limits, Listener
 Start = Callable[..., Awaitable[int]]
 
 
+class _Held:
+    """Something a handler leaves in its request's state (an identity, say)."""
+
+
+HELD: weakref.WeakSet[_Held] = weakref.WeakSet()
+HELD_KEY = web.RequestKey("held", _Held)
+
+
 async def _hello(request: web.Request) -> web.Response:
     body = await request.read()
+    if request.path == "/hold":
+        held = _Held()
+        HELD.add(held)
+        request[HELD_KEY] = held
+        return web.Response(text="x" * 1000, headers={"X-Big": "y" * 1000})
     return web.Response(text=f"got {len(body)}")
 
 
@@ -153,3 +168,22 @@ def test_server_timeouts_and_limits_have_the_spec_defaults():
                       server={"header_timeout": "2s", "idle_timeout": "1m", "max_connections": 50,
                               "shutdown_grace": "5s"}).server
     assert (cfg.header_timeout, cfg.idle_timeout, cfg.max_connections, cfg.shutdown_grace) == (2, 60, 50, 5)
+
+
+async def test_an_idle_keep_alive_connection_keeps_nothing_of_its_last_request(listen: Start) -> None:
+    """aiohttp's connection loop keeps its last request and response while it waits on a keep-alive connection;
+    what the handler left in the request's state must not live on with it (10,000 idle connections would
+    each keep an identity, bench/memory.py)."""
+    port = await listen()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"X-Big" in head
+    await reader.readexactly(1000)
+    await asyncio.sleep(0.05)
+    gc.collect()
+    assert len(HELD) == 0  # the connection is open and idle, the handler's object gone
+    writer.write(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")  # and the connection still serves
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    writer.close()
+    await writer.wait_closed()
