@@ -54,7 +54,7 @@ class Connection(web.RequestHandler):
     """
 
     # aiohttp's handler has __slots__: without ours every connection would also carry a __dict__.
-    __slots__ = ("_body", "_header_timeout", "_header_timer", "_on_lost")
+    __slots__ = ("_body", "_header_due", "_header_timeout", "_header_timer", "_on_lost")
 
     def __init__(self, manager: web.Server, *, header_timeout: float, on_lost: Any, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -62,6 +62,7 @@ class Connection(web.RequestHandler):
         # alone is 64 slots, about 0.6 KB per connection, idle ones included).
         self._messages = _Pending()  # type: ignore[assignment]
         self._header_timeout = header_timeout
+        self._header_due: float | None = None  # when the awaited request headers are due (loop time)
         self._header_timer: asyncio.TimerHandle | None = None
         self._body: Any = None  # the payload of the last request whose headers arrived
         self._on_lost = on_lost
@@ -73,7 +74,7 @@ class Connection(web.RequestHandler):
         self._arm()  # a connection that sends nothing is closed too
 
     def data_received(self, data: bytes) -> None:
-        if data and self._header_timer is None and self._between_requests():
+        if data and self._header_due is None and self._between_requests():
             self._arm()  # the first bytes of a request: its headers are due
         count = self._request_count
         if (self._close or self._force_close) and self._request_in_progress and self.transport is not None:
@@ -97,17 +98,27 @@ class Connection(web.RequestHandler):
             return False
         return self._body is None or self._body.is_eof()
 
+    # The timer is lazy: a request only moves the deadline, and the one pending timer, when it fires, either
+    # finds nothing due, or sets itself again for the deadline, or closes the connection. A busy keep-alive
+    # connection thus costs one timer per header_timeout, not a timer set and cancelled per request.
+
     def _arm(self) -> None:
-        self._disarm()
-        self._header_timer = self._loop.call_later(self._header_timeout, self._headers_overdue)
+        self._header_due = self._loop.time() + self._header_timeout
+        if self._header_timer is None:
+            self._header_timer = self._loop.call_at(self._header_due, self._headers_due)
 
     def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        self._header_due = None
 
-    def _headers_overdue(self) -> None:
+    def _headers_due(self) -> None:
         self._header_timer = None
+        due = self._header_due
+        if due is None:
+            return
+        if self._loop.time() < due:
+            self._header_timer = self._loop.call_at(due, self._headers_due)
+            return
+        self._header_due = None
         if self.transport is not None and not self._request_in_progress:
             log.debug("closing a connection that did not send its request headers in time",
                       extra={"timeout_s": self._header_timeout})
@@ -115,6 +126,9 @@ class Connection(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         self._body = None
         try:
             super().connection_lost(exc)
