@@ -151,9 +151,9 @@ async def test_a_sign_in_is_a_few_round_trips_whatever_the_groups(gateway_factor
         return list(statements)
 
     first = await sign_in()
-    # BEGIN + lock, read, user, its audit event, memberships, notify, finish, COMMIT, the pool's reset; plus the
-    # first binding of 50 groups (lock them, read them again, then one bind and one audit event per group).
-    assert len(first) <= 9 + 2 + 2 * 50, first
+    # BEGIN + lock, read, the user (with its audit event), memberships, finish, COMMIT, the pool's reset; plus
+    # the first binding of 50 groups (lock them, read them again, then one bind and one audit event per group).
+    assert len(first) <= 7 + 2 + 2 * 50, first
     assert await db.fetchval("SELECT count(*) FROM memberships m JOIN users u ON u.id = m.user_id "
                              "WHERE u.login = 'alice'") == 51
     added_at = await db.fetch("SELECT group_id, added_at FROM memberships ORDER BY group_id")
@@ -167,4 +167,4 @@ async def test_a_sign_in_is_a_few_round_trips_whatever_the_groups(gateway_factor
     statements.clear()
     async with gw.browser() as browser:
         await browser.sign_in("bob")
-    assert len(statements) <= 9, statements  # a first sign-in once the groups are bound
+    assert len(statements) <= 7, statements  # a first sign-in once the groups are bound

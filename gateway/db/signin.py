@@ -4,8 +4,8 @@ A sign-in touches users, groups, memberships, audit events, sessions and grants.
 row it took 19 round trips to PostgreSQL when nothing changed and over 60 for a first sign-in with 50 groups,
 each costing the gateway and the database more CPU than the rules themselves (bench/README.md); here a repeat
 sign-in is four (BEGIN with the user's lock, one read of everything rules 3-7 need, the end of the sign-in:
-sign-in times, the audit event, the session, the grant and the resulting group names; COMMIT), and the
-membership changes, when there are any, are one more. The rare steps (binding a
+sign-in times, the audit event, the session, the grant and the resulting group names; COMMIT); a new user
+(with its audit event) and the membership changes, when there are any, are one more each. The rare steps (binding a
 group, following a rename, a case mismatch) keep the per-row statements of db/groups.py and sync/renames.py.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from gateway.db import users as db_users
+from gateway.db.notify import CHANNEL
 
 # BEGIN and the user's lock (sign-ins of one GitLab user run one at a time, SPEC §5) in one round trip: a simple
 # query, which carries no parameters, so the id is written into it (an int, formatted by int.__format__). The
@@ -86,8 +87,19 @@ kept AS (
     failures = 0, last_error = '', lease_owner = NULL, lease_until = NULL, updated_at = now())
 SELECT u.*, s.expires_at, (SELECT refresh_token FROM previous) AS replaced,
   ARRAY(SELECT g.name FROM memberships m JOIN groups g ON g.id = m.group_id
-        WHERE m.user_id = $1 ORDER BY g.name COLLATE "C") AS group_names
+        WHERE m.user_id = $1 ORDER BY g.name COLLATE "C") AS group_names,
+  -- db/notify.py's `user:<id>` when memberships changed ($12), delivered at commit.
+  (SELECT pg_notify($13, 'user:' || $1::bigint::text) WHERE $12) AS notified
 FROM u, s"""
+
+# Rule 4: a new user and its `user.created` audit event.
+INSERT_USER = f"""
+WITH u AS (
+  INSERT INTO users (gitlab_id, login, name, email, provisioned_by) VALUES ($1, $2, $3, $4, $5)
+  RETURNING {db_users.SELECT_COLUMNS}),
+audit AS (INSERT INTO audit_events (actor, action, subject, details) SELECT $6, 'user.created', u.login, $7::jsonb
+          FROM u)
+SELECT * FROM u"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +189,19 @@ async def change_memberships(conn: asyncpg.Connection, user_id: int, add: list[t
     return set(added)
 
 
+async def insert_user(conn: asyncpg.Connection, *, gitlab_id: int, login: str, name: str, email: str,
+                      actor: str) -> db_users.User:
+    """Create a JIT user (provisioned_by jit) and audit it."""
+    r = await conn.fetchrow(INSERT_USER, gitlab_id, login, name, email, "jit", actor,
+                            json.dumps({"gitlab_id": gitlab_id, "provisioned_by": "jit"}))
+    assert r is not None
+    return db_users.User.from_record(r)
+
+
 async def finish(conn: asyncpg.Connection, user_id: int, *, synced: bool, sid: str, lifetime: float,
                  user_agent: str, client_ip: str, grant: str | None, grant_interval: float, actor: str,
-                 login: str, details: dict[str, object]) -> Finished:
+                 login: str, details: dict[str, object], notify: bool) -> Finished:
     r = await conn.fetchrow(FINISH, user_id, synced, sid, lifetime, user_agent[:512], client_ip, grant,
-                            grant_interval, actor, login, json.dumps(details, default=str))
+                            grant_interval, actor, login, json.dumps(details, default=str), notify, CHANNEL)
     assert r is not None
     return Finished(db_users.User.from_record(r), r["expires_at"], r["replaced"], tuple(r["group_names"]))

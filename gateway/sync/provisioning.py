@@ -205,22 +205,19 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
                            "An administrator must create your account before you can sign in.", {})
         if holder is not None:
             raise _username_taken(gl, holder)
-        user = await db_users.insert(conn, gitlab_id=gl.id, login=gl.username, name=gl.name, email=gl.email,
-                                     provisioned_by="jit")
+        user = await db_signin.insert_user(conn, gitlab_id=gl.id, login=gl.username, name=gl.name, email=gl.email,
+                                           actor=ACTOR)
         created = True
-        await db_audit.record(conn, ACTOR, "user.created", user.login, gitlab_id=gl.id, provisioned_by="jit")
     else:
         user = await _refresh_existing(conn, user, gl, holder, actor=ACTOR)
     added, removed, mismatches = await _memberships(conn, cfg, user.id, matchable, bind_groups=bind_groups,
                                                     actor=ACTOR, state=state)
-    if added or removed:
-        await db_notify.notify(conn, "user", user.id)
     sid = new_session_id()
     done = await db_signin.finish(
         conn, user.id, synced=synced, sid=sid, lifetime=session.lifetime, user_agent=session.user_agent,
         client_ip=session.client_ip, grant=session.grant, grant_interval=session.resync_interval, actor=ACTOR,
         login=user.login, details={"gitlab_id": gl.id, "added": added, "removed": removed,
-                                   "synced": cfg.sync_groups})
+                                   "synced": cfg.sync_groups}, notify=bool(added or removed))
     user = done.user
     identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=done.group_names,
                         gitlab_id=user.gitlab_id)
