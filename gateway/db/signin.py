@@ -1,12 +1,13 @@
 """The sign-in transaction's statements, batched (SPEC §5 rules 3-8 and §11's kept grant).
 
 A sign-in touches users, groups, memberships, audit events, sessions and grants. Written one statement per
-row it took 19 round trips to PostgreSQL when nothing changed and over 60 for a first sign-in with 50 groups,
-each costing the gateway and the database more CPU than the rules themselves (bench/README.md); here a repeat
-sign-in is four (BEGIN with the user's lock, one read of everything rules 3-7 need, the end of the sign-in:
-sign-in times, the audit event, the session, the grant and the resulting group names; COMMIT); a new user
-(with its audit event) and the membership changes, when there are any, are one more each. The rare steps (binding a
-group, following a rename, a case mismatch) keep the per-row statements of db/groups.py and sync/renames.py.
+row it took 19 round trips to PostgreSQL when nothing changed and over 60 for a first sign-in with 50
+groups, each costing the gateway and the database more CPU than the rules themselves (bench/README.md).
+Here a repeat sign-in is four: BEGIN with the user's lock, one read of everything rules 3-7 need, the end of
+the sign-in (sign-in times, the audit event, the session, the grant and the resulting group names), COMMIT.
+A new user (with its audit event) and the membership changes, when there are any, are one more each. The
+rare steps (binding a group, following a rename, a case mismatch) keep the per-row statements of
+db/groups.py and sync/renames.py.
 """
 
 from __future__ import annotations
