@@ -168,3 +168,27 @@ async def test_a_sign_in_is_a_few_round_trips_whatever_the_groups(gateway_factor
     async with gw.browser() as browser:
         await browser.sign_in("bob")
     assert len(statements) <= 7, statements  # a first sign-in once the groups are bound
+
+
+async def test_a_sign_in_that_binds_a_group_still_replaces_and_revokes_the_older_grant(gateway_factory: Any,
+                                                                                       db: asyncpg.Pool) -> None:
+    """When a sign-in binds a group (it locks group rows), the grant is written first (db/locks.py's order):
+    the older grant is still the one returned and revoked at GitLab, and one grant row is kept."""
+    gw = await gateway_factory(provisioning={"resync_interval": "15m"})
+    gw.fake.add_user(7, "alice")
+    gw.fake.add_group(1, "acme")
+    gw.fake.add_member(7, 1)
+    async with gw.browser() as browser:
+        await browser.sign_in("alice")
+    first = gw.fake.issued_tokens()[-1]
+    await db.execute("INSERT INTO groups (name, description) VALUES ('acme', '')")  # unbound: bound next time
+    async with gw.browser() as browser:
+        await browser.sign_in("alice")
+    assert await db.fetchval("SELECT gitlab_group_id FROM groups WHERE name = 'acme'") == 1
+    for _ in range(100):  # the revocation runs in the background
+        if {t.access_token: t for t in gw.fake.issued_tokens()}[first.access_token].revoked:
+            break
+        await asyncio.sleep(0.02)
+    assert {t.access_token: t for t in gw.fake.issued_tokens()}[first.access_token].revoked
+    assert not gw.fake.issued_tokens()[-1].revoked
+    assert await db.fetchval("SELECT count(*) FROM gitlab_grants") == 1

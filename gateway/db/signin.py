@@ -24,9 +24,9 @@ import asyncpg
 from gateway.db import users as db_users
 from gateway.db.notify import CHANNEL
 
-# BEGIN and the user's lock (sign-ins of one GitLab user run one at a time, SPEC §5) in one round trip: a simple
-# query, which carries no parameters, so the id is written into it (an int, formatted by int.__format__). The
-# key is the one provisioning.recheck takes with a parameter: the same text, hashed the same way.
+# BEGIN and the person's advisory lock (db/locks.py step 1: sign-ins and re-checks of one GitLab user run one at
+# a time) in one round trip: a simple query, which carries no parameters, so the id is written into it (an int,
+# formatted by int.__format__). The key is db/locks.py's PERSON: the same text, hashed the same way.
 BEGIN_LOCKED = "BEGIN; SELECT pg_advisory_xact_lock(hashtextextended('gateway-user:{gitlab_id:d}', 0))"
 
 # Rules 6-7 and the identity: the default group, local groups bound to the GitLab ids ($2), local groups named

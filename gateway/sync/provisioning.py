@@ -20,6 +20,7 @@ import asyncpg
 from gateway.config import ProvisioningConfig
 from gateway.db import DB_UNAVAILABLE, unavailable
 from gateway.db import audit as db_audit
+from gateway.db import grants as db_grants
 from gateway.db import groups as db_groups
 from gateway.db import locks as db_locks
 from gateway.db import notify as db_notify
@@ -210,19 +211,37 @@ async def _apply(conn: asyncpg.Connection, cfg: ProvisioningConfig, gl: GitLabUs
         created = True
     else:
         user = await _refresh_existing(conn, user, gl, holder, actor=ACTOR)
+    # Lock order (db/locks.py): the grant row (step 3) before any group row (step 4). Group rows are locked
+    # only to bind a group or to follow a rename (rare): then the grant is written first, else at the end.
+    grant, replaced = session.grant, None
+    if grant is not None and _locks_groups(state, matchable, bind_groups=bind_groups):
+        replaced = await db_grants.keep(conn, user.id, grant, interval=session.resync_interval)
+        grant = None
     added, removed, mismatches = await _memberships(conn, cfg, user.id, matchable, bind_groups=bind_groups,
                                                     actor=ACTOR, state=state)
     sid = new_session_id()
     done = await db_signin.finish(
         conn, user.id, synced=synced, sid=sid, lifetime=session.lifetime, user_agent=session.user_agent,
-        client_ip=session.client_ip, grant=session.grant, grant_interval=session.resync_interval, actor=ACTOR,
+        client_ip=session.client_ip, grant=grant, grant_interval=session.resync_interval, actor=ACTOR,
         login=user.login, details={"gitlab_id": gl.id, "added": added, "removed": removed,
                                    "synced": cfg.sync_groups}, notify=bool(added or removed))
     user = done.user
     identity = Identity(user_id=user.id, login=user.login, email=user.email, groups=done.group_names,
                         gitlab_id=user.gitlab_id)
     return SignInResult(user, identity, created, sid, done.expires_at, tuple(added), tuple(removed),
-                        tuple(mismatches), replaced_grant=done.replaced_grant)
+                        tuple(mismatches), replaced_grant=done.replaced_grant if grant is not None else replaced)
+
+
+def _locks_groups(state: db_signin.GroupState, matchable: _Matchable, *, bind_groups: bool) -> bool:
+    """Whether rules 6-7 will lock group rows (see _targets): a group to bind, or a bound group to rename."""
+    if not bind_groups or matchable.groups is None:
+        return False
+    default_id = state.default[0]
+    if any(gitlab_group_id is None for gid, _name, gitlab_group_id in state.named if gid != default_id):
+        return True
+    paths = {g.id: g.full_path for g in matchable.groups if g.id is not None}
+    return any(gid != default_id and not builtin and name != paths[gitlab_group_id]
+               for gid, name, builtin, gitlab_group_id in state.bound)
 
 
 async def _refresh_existing(conn: asyncpg.Connection, user: db_users.User, gl: GitLabUser,
