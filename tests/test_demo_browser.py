@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -26,6 +27,36 @@ pytestmark = [
     pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                        reason="needs Debian's chromium and chromedriver (/usr/bin/chromium, /usr/bin/chromedriver)"),
 ]
+
+
+def page_wait(drv: Any, timeout: float = 30.0) -> Any:
+    """A WebDriverWait that retries what a navigation still in progress makes fail: an element of the page being
+    replaced (StaleElementReferenceException), a script run as the document changes (JavascriptException).
+    Generous: a busy machine may take long, a wait only ends early when the page is there."""
+    from selenium.common.exceptions import JavascriptException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, timeout, ignored_exceptions=(StaleElementReferenceException, JavascriptException))
+
+
+def click_to_page(drv: Any, wait: Any, element: Any, marker: str) -> None:
+    """Click `element`, which loads another page, and return once that page is the one shown, whole: the old
+    document is gone (staleness_of its <html>), the new one is parsed to the end (readyState complete) and holds
+    the element with id `marker`. Read sooner, an element may belong to the old page or to one a navigation in
+    progress is about to replace (a StaleElementReferenceException on a busy machine); a sign-in crosses from
+    GitLab's origin to the gateway's, which Chromium may even load in another renderer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    old = drv.find_element(By.TAG_NAME, "html")
+    element.click()
+    wait.until(ec.staleness_of(old))
+    wait.until(lambda d: page_ready(d) and d.find_elements(By.ID, marker))
+
+
+def page_ready(drv: Any) -> bool:
+    """The current document is parsed to its end and its subresources loaded."""
+    return bool(drv.execute_script("return document.readyState") == "complete")
 
 
 @contextmanager
@@ -83,7 +114,7 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1100,900"):
         options.add_argument(arg)
     drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    drv.set_page_load_timeout(15)
+    drv.set_page_load_timeout(30)
     try:
         yield drv
     finally:
@@ -93,10 +124,9 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
 def test_demo_in_a_browser(driver, demo_state_dir: Path, demo_port: int) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    wait = WebDriverWait(driver, 10)
+    wait = page_wait(driver)
 
     def shot(name: str) -> None:
         driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
@@ -104,20 +134,26 @@ def test_demo_in_a_browser(driver, demo_state_dir: Path, demo_port: int) -> None
     def text(element_id: str) -> str:
         return str(driver.find_element(By.ID, element_id).text)
 
+    def click(element_id: str, *, lands_on: str) -> None:
+        """Click the element with this id and wait for the page it loads (which holds `lands_on`)."""
+        click_to_page(driver, wait, wait.until(ec.element_to_be_clickable((By.ID, element_id))), lands_on)
+
+    def opened(url: str, *, lands_on: str) -> None:
+        driver.get(url)
+        wait.until(lambda d: page_ready(d) and d.find_elements(By.ID, lands_on))
+
     with running_demo(demo_port, demo_state_dir) as info:
         alice = next(u for u in info.users if u.login == "alice")
         carol = next(u for u in info.users if u.login == "carol")
         assert alice.allowed and not carol.allowed
 
         # 1. The tool sends a visitor who is not signed in to GitLab's sign-in page.
-        driver.get(info.url)
-        wait.until(ec.presence_of_element_located((By.ID, "sign-in-alice")))
+        opened(info.url, lands_on="sign-in-alice")
         assert driver.current_url.startswith(f"{info.gitlab_url}/users/sign_in"), driver.current_url
         shot("01-gitlab-sign-in")
 
         # 2. Alice signs in and lands on whoami, which shows her identity headers.
-        driver.find_element(By.ID, "sign-in-alice").click()
-        wait.until(ec.presence_of_element_located((By.ID, "whoami")))
+        click("sign-in-alice", lands_on="whoami")
         assert driver.current_url == info.url
         assert text("user") == "alice"
         assert text("preferred-username") == "alice"
@@ -128,19 +164,16 @@ def test_demo_in_a_browser(driver, demo_state_dir: Path, demo_port: int) -> None
         shot("02-whoami-alice")
 
         # 3. Sign out: the gateway session ends (and the stand-in's, so another user can be picked).
-        driver.find_element(By.ID, "sign-out").click()
-        wait.until(ec.presence_of_element_located((By.ID, "sign-in-carol")))
+        click("sign-out", lands_on="sign-in-carol")
         shot("03-signed-out")
 
         # 4. Opening the tool again asks for sign-in again.
-        driver.get(info.url)
-        wait.until(ec.presence_of_element_located((By.ID, "sign-in-carol")))
+        opened(info.url, lands_on="sign-in-carol")
         assert driver.current_url.startswith(f"{info.gitlab_url}/users/sign_in"), driver.current_url
         shot("04-sign-in-again")
 
         # 5. Carol is outside the allowed group "acme": the refusal page, status 403.
-        driver.find_element(By.ID, "sign-in-carol").click()
-        wait.until(ec.presence_of_element_located((By.ID, "title")))
+        click("sign-in-carol", lands_on="title")
         page = driver.find_element(By.TAG_NAME, "body").text
         assert "not a member of an allowed GitLab group" in page, page
         assert "Error 403" in page, page
@@ -149,19 +182,15 @@ def test_demo_in_a_browser(driver, demo_state_dir: Path, demo_port: int) -> None
 
         # 6. "Try again" while GitLab still has carol signed in: the same refusal, and the page says so.
         assert "To use another GitLab account" in page, page
-        driver.find_element(By.ID, "retry").click()
-        wait.until(ec.text_to_be_present_in_element((By.ID, "message"), "Same answer as before"))
+        click("retry", lands_on="title")
+        assert "Same answer as before" in text("message"), text("message")
         shot("06-carol-same-answer")
 
         # 7. The way out (SPEC §16): the page's link to GitLab, sign out there, then sign in as alice.
-        driver.find_element(By.ID, "gitlab-sign-out").click()
-        wait.until(ec.presence_of_element_located((By.ID, "sign-out")))
+        click("gitlab-sign-out", lands_on="sign-out")
         assert driver.current_url == f"{info.gitlab_url}/", driver.current_url
-        driver.find_element(By.ID, "sign-out").click()
-        wait.until(ec.presence_of_element_located((By.ID, "sign-in-alice")))
-        driver.get(info.url)
-        wait.until(ec.presence_of_element_located((By.ID, "sign-in-alice")))
-        driver.find_element(By.ID, "sign-in-alice").click()
-        wait.until(ec.presence_of_element_located((By.ID, "whoami")))
+        click("sign-out", lands_on="sign-in-alice")
+        opened(info.url, lands_on="sign-in-alice")
+        click("sign-in-alice", lands_on="whoami")
         assert text("user") == "alice"
         shot("07-alice-after-carol")

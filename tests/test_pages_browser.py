@@ -25,7 +25,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.test_demo_browser import CHROMEDRIVER, CHROMIUM, driver  # noqa: F401 (the Chromium fixture)
+from tests.test_demo_browser import (  # noqa: F401 (driver: the Chromium fixture)
+    CHROMEDRIVER,
+    CHROMIUM,
+    click_to_page,
+    driver,
+    page_ready,
+    page_wait,
+)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "pages"
 
@@ -64,15 +71,13 @@ async def _evil_site(public_url: str) -> TestServer:
 
 
 class Steps:
-    """What a browser script does: find, click and wait, read, and take screenshots (desktop, then 360 px,
-    noting pages that would need horizontal scrolling at 360 px)."""
+    """What a browser script does: find, click and wait for the page it loads, read, and take screenshots
+    (desktop, then 360 px, noting pages that would need horizontal scrolling at 360 px)."""
 
     def __init__(self, drv: Any) -> None:
-        from selenium.webdriver.support.ui import WebDriverWait
-
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.drv = drv
-        self.wait = WebDriverWait(drv, 15)
+        self.wait = page_wait(drv)
         self.seen: dict[str, Any] = {"too_wide": []}
 
     def shot(self, name: str, narrow: bool = True) -> None:
@@ -91,13 +96,16 @@ class Steps:
         return self.wait.until(ec.presence_of_element_located((By.ID, element_id)))
 
     def submit(self, button: Any) -> None:
-        """Click a button that loads a page, and wait until the new page has replaced the old one."""
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions as ec
+        """Click a button that loads a gateway page, and wait until that page has replaced the old one, whole
+        (every gateway page, refusals included, has <h1 id="title">)."""
+        click_to_page(self.drv, self.wait, button, "title")
 
-        old = self.drv.find_element(By.TAG_NAME, "html")
-        button.click()
-        self.wait.until(ec.staleness_of(old))
+    def until_shown(self, url_part: str) -> None:
+        """Until the page shown is a whole gateway page whose URL holds `url_part` (after navigations this
+        script did not start itself, such as another site's form)."""
+        from selenium.webdriver.common.by import By
+
+        self.wait.until(lambda d: url_part in d.current_url and page_ready(d) and d.find_elements(By.ID, "title"))
 
     def body(self) -> str:
         from selenium.webdriver.common.by import By
@@ -109,7 +117,7 @@ def _script(drv: Any, gw: Any, evil_url: str) -> dict[str, Any]:
     from selenium.webdriver.common.by import By
 
     steps = Steps(drv)
-    shot, by_id, submit, body, wait = steps.shot, steps.by_id, steps.submit, steps.body, steps.wait
+    shot, by_id, submit, body = steps.shot, steps.by_id, steps.submit, steps.body
     base = gw.public_url
     seen = steps.seen
 
@@ -174,7 +182,7 @@ def _script(drv: Any, gw: Any, evil_url: str) -> dict[str, Any]:
     drv.get(f"{base}/oauth2/admin/groups")
     stolen = drv.find_element(By.NAME, "csrf").get_attribute("value")
     drv.get(f"{evil_url}/?csrf={stolen}")
-    wait.until(lambda d: "/oauth2/admin/groups" in d.current_url and d.find_elements(By.ID, "title"))
+    steps.until_shown("/oauth2/admin/groups")
     page = body()
     assert "Error 403" in page and "did not come from this site" in page, page
     shot("09-cross-site-refused", narrow=False)
