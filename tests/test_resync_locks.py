@@ -67,11 +67,11 @@ async def test_a_sign_in_racing_a_recheck_of_the_same_user_never_deadlocks(
             await locker.execute("BEGIN")
             await locker.execute("LOCK TABLE audit_events IN SHARE ROW EXCLUSIVE MODE")
             sign_in = asyncio.create_task(second.sign_in("alice"))
-            await wait_until(lambda: _waiting(db, 1), what="the sign-in never reached its audit row")
+            await wait_until(lambda: _waiting(db, 1), timeout=30, what="the sign-in never reached its audit row")
             # 2. The re-check: GitLab rotates the token, then the re-check comes to wait for a lock the sign-in
             # holds (before: in its rules transaction, holding the grant row, waiting for the advisory lock).
             recheck = asyncio.create_task(resyncer.process(grant, owner, require_session=True))
-            await wait_until(lambda: _waiting(db, 2), what="the re-check never came to wait for a lock")
+            await wait_until(lambda: _waiting(db, 2), timeout=30, what="the re-check never came to wait for a lock")
             # Past the re-check's own deadlock check (it found no cycle yet): the order now decides alone.
             await asyncio.sleep(2 * deadlock_timeout)
             # 3. The sign-in goes on to keep its grant.
