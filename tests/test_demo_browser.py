@@ -46,12 +46,29 @@ def click_to_page(drv: Any, wait: Any, element: Any, marker: str) -> None:
     progress is about to replace (a StaleElementReferenceException on a busy machine); a sign-in crosses from
     GitLab's origin to the gateway's, which Chromium may even load in another renderer."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
 
     old = drv.find_element(By.TAG_NAME, "html")
     element.click()
-    wait.until(ec.staleness_of(old))
+    wait.until(lambda d: replaced(old))
     wait.until(lambda d: page_ready(d) and d.find_elements(By.ID, marker))
+
+
+def replaced(old: Any) -> bool:
+    """Whether element `old` belongs to a document no longer shown. Selenium's staleness_of only knows
+    StaleElementReferenceException; chromedriver may instead answer "Node with given id does not belong to the
+    document" (a plain WebDriverException) while the new document takes over, which also means the old one is
+    gone. Any other error is a real one and propagates."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+    try:
+        old.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+    return False
 
 
 def page_ready(drv: Any) -> bool:
