@@ -45,12 +45,6 @@ ADD_MEMBERSHIP = """
 INSERT INTO memberships (user_id, group_id, source) VALUES ($1, $2, $3)
 ON CONFLICT (user_id, group_id) DO NOTHING
 RETURNING group_id"""
-# Rule 4/5: every user is in the default (builtin) group; one round trip, the group's id returned either way.
-ADD_DEFAULT_MEMBERSHIP = """
-WITH d AS (SELECT id FROM groups WHERE builtin ORDER BY id LIMIT 1),
-     added AS (INSERT INTO memberships (user_id, group_id, source) SELECT $1, d.id, 'default' FROM d
-               ON CONFLICT (user_id, group_id) DO NOTHING)
-SELECT id FROM d"""
 REMOVE_MEMBERSHIPS = "DELETE FROM memberships WHERE user_id = $1 AND group_id = ANY($2::bigint[])"
 BY_GITLAB_ID_PLAIN = f"SELECT {SELECT_COLUMNS} FROM users WHERE gitlab_id = $1"
 MEMBERSHIP_SOURCE = "SELECT source FROM memberships WHERE user_id = $1 AND group_id = $2"
@@ -161,13 +155,6 @@ async def memberships(conn: asyncpg.Connection, user_id: int) -> list[Membership
 async def add_membership(conn: asyncpg.Connection, user_id: int, group_id: int, source: str) -> bool:
     """True when the membership was created (False: it existed)."""
     return await conn.fetchval(ADD_MEMBERSHIP, user_id, group_id, source) is not None
-
-
-async def add_default_membership(conn: asyncpg.Connection, user_id: int) -> int:
-    """Make sure the user is in the default group; that group's id."""
-    group_id = await conn.fetchval(ADD_DEFAULT_MEMBERSHIP, user_id)
-    assert group_id is not None, "migration 0001 creates the builtin group"
-    return int(group_id)
 
 
 async def remove_memberships(conn: asyncpg.Connection, user_id: int, group_ids: list[int]) -> None:
