@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import re
 
-from multidict import CIMultiDictProxy
-
 # Reuse a connection only while it has been idle for less than the advertised timeout minus this much (half the
 # timeout when that is shorter): the upstream's close timer and ours do not start at the same instant.
 REUSE_MARGIN = 0.5
@@ -35,12 +33,6 @@ def reuse_limit_of(value: str) -> float | None:
         return None
     seconds = float(m.group(1))
     return seconds - min(REUSE_MARGIN, seconds / 2)
-
-
-def reuse_limit(headers: CIMultiDictProxy[str]) -> float | None:
-    """`reuse_limit_of` for a response's headers; None when they advertise nothing."""
-    value = headers.get("Keep-Alive")
-    return reuse_limit_of(value) if value else None
 
 
 def may_retry(*, reused: bool, answered: bool, body_started: bool) -> bool:
