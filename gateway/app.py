@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
 import time
@@ -59,16 +58,6 @@ JSON_ERRORS = web.AppKey("json_errors", bool)
 
 # ---- middlewares ---------------------------------------------------------------------------------------
 
-# Request ids: a random per-process prefix and a counter. Unique enough to correlate log lines, and unlike
-# a random token per request, no system call on every proxied request.
-_REQUEST_ID_PREFIX = secrets.token_hex(4)
-_request_counter = itertools.count(1)
-
-
-def _next_request_id() -> str:
-    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):08x}"
-
-
 def _json_errors(request: web.Request) -> bool:
     # The admin listener's pages (/admin/) are for people: their errors are pages like the public ones.
     return request.app.get(JSON_ERRORS, False) and not request.path.startswith("/admin/")
@@ -77,7 +66,7 @@ def _json_errors(request: web.Request) -> bool:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, domain errors -> pages/JSON, unexpected errors -> a 500 page without a traceback."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or _next_request_id()
+    request_id = logs.request_id(request.headers.get("X-Request-Id"))
     request[keys.REQUEST_ID] = request_id
     log_context = logs.REQUEST_ID.set(request_id)
     started = time.perf_counter()

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, Literal
+from typing import ClassVar, Final, Literal, Protocol
+
+from multidict import MultiMapping
+
+
+class Sender(Protocol):
+    """What tells who sent a request: its headers and its direct peer's address. An aiohttp request, or the
+    proxied path's own request (web/fast_lane.py)."""
+
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
-from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -33,7 +32,7 @@ from gateway.db import notify as db_notify
 from gateway.db import sessions as db_sessions
 from gateway.db import users as db_users
 from gateway.errors import AccessUnconfirmed
-from gateway.identity import ANONYMOUS, Anonymous, Identity
+from gateway.identity import ANONYMOUS, Anonymous, Identity, Sender
 from gateway.sessions.tokens import TokenStore
 
 log = logging.getLogger("gateway.sessions")
@@ -169,13 +168,13 @@ class SessionStore:
         except (InvalidToken, ValueError, KeyError, TypeError):
             return None
 
-    def request_ref(self, request: web.BaseRequest) -> CookieRef | None:
+    def request_ref(self, request: Sender) -> CookieRef | None:
         value = cookie_value(request.headers.get("Cookie"), self.cookie_name)
         return self.decode(value) if value else None
 
     # ---- identity -----------------------------------------------------------------------------------
 
-    async def identify(self, request: web.BaseRequest) -> Identity | Anonymous:
+    async def identify(self, request: Sender) -> Identity | Anonymous:
         """Who sent this request: from the cache when fresh, else one indexed query. A bearer token for the
         gateway (SPEC §14) takes precedence over the cookie; a bad one is BadToken (401 JSON)."""
         if self.tokens is not None and "Authorization" in request.headers:

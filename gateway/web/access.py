@@ -21,6 +21,7 @@ from gateway.access.policy import Decision, Policy
 from gateway.access.upstreams import UpstreamTable
 from gateway.config import Config
 from gateway.errors import Forbidden, NotFound, Unauthenticated
+from gateway.identity import Sender
 from gateway.web.login import start_url
 from gateway.web.pages import NO_STORE, redirect, wants_html
 
@@ -60,7 +61,7 @@ class Access:
         return cls(policy, table, headers, cfg.server.prefix, cfg.gitlab.url, make_signer(cfg), cfg.headers.assertion,
                    table.by_host or any(r.host for r in policy.rules))
 
-    def host_of(self, request: web.BaseRequest) -> str | None:
+    def host_of(self, request: Sender) -> str | None:
         """The canonical host to match: Host, or X-Forwarded-Host from a trusted proxy (SPEC §13)."""
         if not self.needs_host:
             return None

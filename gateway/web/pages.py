@@ -36,16 +36,26 @@ def wants_html(request: web.BaseRequest) -> bool:
 
 def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "", json_only: bool = False
            ) -> web.Response:
+    status, headers, body = error_answer(
+        err, request_id=request_id, json_only=json_only, accept=request.headers.get("Accept", ""),
+        navigating=request.method in ("GET", "HEAD"), form_post=request.get(FORM_POST, False))
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def error_answer(err: GatewayError, *, request_id: str, accept: str, navigating: bool, json_only: bool = False,
+                 form_post: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the page or JSON that answers `err`: shared by aiohttp's handlers (render)
+    and the proxied path's own server (fast_lane.py), which has no aiohttp request."""
     headers = dict(NO_STORE)
     if err.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)
-    browser_form = request.get(FORM_POST, False) and "text/html" in request.headers.get("Accept", "")
-    if json_only or err.json_only or not (wants_html(request) or browser_form):
+    html_accepted = "text/html" in accept
+    if json_only or err.json_only or not ((navigating and html_accepted) or (form_post and html_accepted)):
         body = {"error": err.code, "message": err.message, **(err.details or {})}
-        return web.Response(status=err.status, text=json.dumps(body), content_type="application/json",
-                            headers=headers)
+        headers["Content-Type"] = "application/json; charset=utf-8"
+        return err.status, headers, json.dumps(body).encode()
     link = ""
     if err.retry_url:
         link = (f'<p><a class="button" id="retry" href="{html.escape(err.retry_url)}">'
@@ -61,7 +71,8 @@ def render(request: web.BaseRequest, err: GatewayError, *, request_id: str = "",
         switch=switch, link=link, status=err.status, code=html.escape(err.code),
         request_id=f" · request {html.escape(request_id)}" if request_id else "",
     )
-    return web.Response(status=err.status, text=page, content_type="text/html", headers=headers)
+    headers["Content-Type"] = "text/html; charset=utf-8"
+    return err.status, headers, page.encode()
 
 
 def redirect(location: str) -> web.Response:

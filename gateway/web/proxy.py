@@ -41,7 +41,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -51,10 +51,11 @@ from yarl import URL
 
 from gateway import keys
 from gateway.access.headers import HeaderPolicy
+from gateway.access.policy import Decision
 from gateway.access.upstreams import strip_path
 from gateway.config import UpstreamConfig
 from gateway.errors import BadRequest, UpstreamError, UpstreamTimeout
-from gateway.identity import Anonymous, Identity
+from gateway.identity import Anonymous, Identity, Sender
 from gateway.metrics import Metrics
 from gateway.sessions.store import SessionStore
 from gateway.web import keepalive
@@ -144,26 +145,31 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 # ---- the handler ---------------------------------------------------------------------------------------
 
+class View(Sender, Protocol):
+    """What relaying a request reads of it: an aiohttp request, or the proxied path's own (fast_lane.py)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def raw_path(self) -> str: ...
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def body_exists(self) -> bool: ...
+
+    @property
+    def content(self) -> StreamReader: ...
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     """Every request that is not one of the gateway's own: authenticate, then relay to the upstream."""
-    proxies = request.app[PROXIES]
-    proxy = proxies[0]
-    raw_path = request.raw_path
-    if not raw_path.startswith("/"):
-        # Absolute-form ("http://other/x") or "*": appended to upstream.url it would name another URL.
-        raise BadRequest("The request target must be a path")
-    access = proxy.access
-    host = access.host_of(request)
-    target = access.table.select(host, raw_path)
-    if target is None:
-        raise unknown_host()  # never the first upstream: an unknown Host must not reach some tool
-    proxy = proxies[target.index]
-    identity = await proxy.sessions.identify(request)
+    proxy, identity, decision = await admit(request.app[PROXIES], request)
     request[keys.IDENTITY] = identity
-    decision = access.policy.decide(request.method, host, raw_path,
-                                    identity if isinstance(identity, Identity) else None)
     if decision.outcome != "allow":
-        return refuse(access, request, decision, raw_path)
+        return refuse(proxy.access, request, decision, request.raw_path)
     upgrade = "Upgrade" in request.headers and _is_websocket_upgrade(request)
     if upgrade and proxy.websockets:
         return await _relay_websocket(proxy, request, identity)
@@ -171,7 +177,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await _relay_http(proxy, request, identity, strip_websocket=upgrade)
 
 
-def _upstream_headers(proxy: Proxy, request: web.Request, identity: Identity | Anonymous, *,
+async def admit(proxies: tuple[Proxy, ...], request: View) -> tuple[Proxy, Identity | Anonymous, Decision]:
+    """Which upstream the request is for, who sent it, and what the policy says of it (GatewayError when the
+    target is not a path, no upstream serves the host, or the sender cannot be identified)."""
+    raw_path = request.raw_path
+    if not raw_path.startswith("/"):
+        # Absolute-form ("http://other/x") or "*": appended to upstream.url it would name another URL.
+        raise BadRequest("The request target must be a path")
+    access = proxies[0].access
+    host = access.host_of(request)
+    target = access.table.select(host, raw_path)
+    if target is None:
+        raise unknown_host()  # never the first upstream: an unknown Host must not reach some tool
+    proxy = proxies[target.index]
+    identity = await proxy.sessions.identify(request)
+    decision = access.policy.decide(request.method, host, raw_path,
+                                    identity if isinstance(identity, Identity) else None)
+    return proxy, identity, decision
+
+
+def _upstream_headers(proxy: Proxy, request: View, identity: Identity | Anonymous, *,
                       websocket: bool = False) -> CIMultiDict[str]:
     # The direct peer and our own view: the policy decides whether the peer's forwarding claims count.
     incoming = request.headers
@@ -301,45 +326,63 @@ _NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "TRACE"))
 
 async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | Anonymous, *,
                       strip_websocket: bool = False) -> web.StreamResponse:
-    headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
-    method = request.method
-    has_body = request.body_exists
-    chunked = False
-    if has_body:
-        if "Content-Length" not in headers:  # the client's own length is kept; else the body is chunked
-            headers["Transfer-Encoding"] = "chunked"
-            chunked = True
-    elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
-        headers["Content-Length"] = "0"  # what aiohttp's client sent: some servers refuse a bodiless POST without
-    pool = proxy.pool
-    head = request_head(method, pool.path + _path(proxy, request.raw_path), headers.items())
-    task = asyncio.current_task()
-    assert task is not None
-    deadlines = proxy.deadlines
-    loop = task.get_loop()  # not get_running_loop(): on CPython 3.11 each look-up is a getpid() system call
-    started = loop.time()
-    # Armed from the start (connect, the first chunk); with a body, the pacer moves it as it goes.
-    deadlines.set(task, started + proxy.timeout)
-    pacer = _BodyPacer(deadlines, task, proxy.timeout) if has_body else None
-    conn: UpstreamConnection | None = None
-    upload: asyncio.Future[None] | None = None
-
-    async def send(conn: UpstreamConnection) -> asyncio.Future[None] | None:
-        conn.start(head, is_head=method == "HEAD", has_body=has_body)
-        sending = asyncio.ensure_future(pacer.upload(conn, request.content, chunked)) if pacer else None
-        try:
-            await conn.response()
-        except BaseException:
-            if sending is not None:
-                await _cancelled(sending)
-            raise
-        return sending
-
+    exchange = Exchange()
     try:
+        conn = await exchange.send(proxy, request, identity, strip_websocket=strip_websocket)
+        return await _respond(proxy, request, conn)
+    finally:
+        await exchange.end()
+
+
+class Exchange:
+    """One request relayed over the upstream client: `send` it, relay the response, then always `end`."""
+
+    __slots__ = ("conn", "upload")
+
+    def __init__(self) -> None:
+        self.conn: UpstreamConnection | None = None
+        self.upload: asyncio.Future[None] | None = None
+
+    async def send(self, proxy: Proxy, request: View, identity: Identity | Anonymous, *,
+                   strip_websocket: bool = False) -> UpstreamConnection:
+        """Send the request (its body streaming up) and wait for the response headers: the connection to read
+        the response from, or UpstreamError (502) / UpstreamTimeout (504)."""
+        headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
+        method = request.method
+        has_body = request.body_exists
+        chunked = False
+        if has_body:
+            if "Content-Length" not in headers:  # the client's own length is kept; else the body is chunked
+                headers["Transfer-Encoding"] = "chunked"
+                chunked = True
+        elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+            headers["Content-Length"] = "0"  # what aiohttp's client sent: some servers refuse a bodiless POST without
+        pool = proxy.pool
+        head = request_head(method, pool.path + _path(proxy, request.raw_path), headers.items())
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines = proxy.deadlines
+        loop = task.get_loop()  # not get_running_loop(): on CPython 3.11 each look-up is a getpid() system call
+        started = loop.time()
+        # Armed from the start (connect, the first chunk); with a body, the pacer moves it as it goes.
+        deadlines.set(task, started + proxy.timeout)
+        pacer = _BodyPacer(deadlines, task, proxy.timeout) if has_body else None
+
+        async def send(conn: UpstreamConnection) -> asyncio.Future[None] | None:
+            conn.start(head, is_head=method == "HEAD", has_body=has_body)
+            sending = asyncio.ensure_future(pacer.upload(conn, request.content, chunked)) if pacer else None
+            try:
+                await conn.response()
+            except BaseException:
+                if sending is not None:
+                    await _cancelled(sending)
+                raise
+            return sending
+
         try:
             try:
-                conn = pool.take() or await pool.connect()
-                upload = await send(conn)
+                self.conn = pool.take() or await pool.connect()
+                self.upload = await send(self.conn)
             except ConnectionDied as exc:
                 if not keepalive.may_retry(reused=exc.reused, answered=exc.answered,
                                            body_started=pacer is not None and pacer.started):
@@ -347,11 +390,11 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
                 # A reused connection the upstream was closing, and nothing of the request consumed: once more.
                 log.info("upstream closed a reused connection under a request; sending it again",
                          extra={"cause": str(exc)})
-                conn = await pool.connect()
-                upload = await send(conn)
+                self.conn = await pool.connect()
+                self.upload = await send(self.conn)
         except asyncio.CancelledError:
-            if conn is not None:
-                conn.abort()
+            if self.conn is not None:
+                self.conn.abort()
             if deadlines.expired(task):
                 task.uncancel()
                 err: UpstreamError | UpstreamTimeout = UpstreamTimeout(
@@ -360,16 +403,18 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
                 raise err from None
             raise
         except (UpstreamFailure, OSError) as exc:
-            if conn is not None:
-                conn.abort()
+            if self.conn is not None:
+                self.conn.abort()
             raise _upstream_error(proxy, "request", exc) from None
         finally:
             if pacer is not None:
                 pacer.waiting = False
             deadlines.done(task)
         proxy.metrics.upstream(loop.time() - started)
-        return await _respond(proxy, request, conn)
-    finally:
+        return self.conn
+
+    async def end(self) -> None:
+        upload, conn = self.upload, self.conn
         if upload is not None and not upload.done():
             await _cancelled(upload)  # the upstream answered without taking the whole body
         if conn is not None and conn.busy:
