@@ -179,8 +179,11 @@ class Listener:
     """Accepts connections on `listen` for a set-up AppRunner, at most `max_connections` open at once."""
 
     def __init__(self, runner: web.AppRunner, listen: Listen, limits: Limits, *, what: str,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, lane: Any = None) -> None:
         self.runner = runner
+        # The public listener's proxied path has a server of its own (web/fast_lane.py), which hands a
+        # connection over to aiohttp's handler (`connection` below) for anything else.
+        self.lane = lane
         self.listen = listen
         self.limits = limits
         self.what = what
@@ -215,9 +218,16 @@ class Listener:
         assert server is not None, "runner.setup() first"
         limits = self.limits
 
-        def connection() -> Connection:
-            return Connection(server, loop=loop, header_timeout=limits.header_timeout, on_lost=self._room.release,
+        def connection(on_lost: Any = self._room.release) -> Connection:
+            return Connection(server, loop=loop, header_timeout=limits.header_timeout, on_lost=on_lost,
                               keepalive_timeout=limits.idle_timeout, access_log=None)
+
+        factory: Any = connection
+        lane = self.lane
+        if lane is not None:
+            def factory() -> asyncio.Protocol:
+                return lane.connection(fallback=connection, on_lost=self._room.release,  # type: ignore[no-any-return]
+                                       header_timeout=limits.header_timeout, idle_timeout=limits.idle_timeout)
 
         while True:
             await self._room.acquire()  # at the limit, new connections wait in the listen backlog
@@ -232,7 +242,7 @@ class Listener:
                 self._room.release()
                 raise
             try:
-                await loop.connect_accepted_socket(connection, conn)
+                await loop.connect_accepted_socket(factory, conn)
             except OSError:  # the client went away before we set it up
                 conn.close()
                 self._room.release()

@@ -21,9 +21,10 @@ from gateway.config import Config, Listen
 from gateway.db import migrate as db_migrate
 from gateway.db.server import describe, resolve_dsn
 from gateway.errors import DatabaseUnavailable
-from gateway.listener import Limits, Listener
+from gateway.listener import CANCEL_WAIT, Limits, Listener
 from gateway.metrics import Metrics
 from gateway.services import groups
+from gateway.web.fast_lane import Lane
 
 log = logging.getLogger("gateway.server")
 
@@ -81,9 +82,11 @@ def limits(cfg: Config) -> Limits:
 
 
 async def start_site(runner: web.AppRunner, listen: Listen, cfg: Config, *, what: str,
-                     reuse_port: bool = False) -> Listener:
-    """Listen (with the `server` connection limits), or a GatewayError naming the address and what to check."""
-    listener = Listener(runner, listen, limits(cfg), what=what, reuse_port=reuse_port)
+                     reuse_port: bool = False, fast_lane: bool = False) -> Listener:
+    """Listen (with the `server` connection limits), or a GatewayError naming the address and what to check.
+    `fast_lane`: the public app's proxied path is served by web/fast_lane.py (aiohttp serves the rest)."""
+    lane = Lane(runner, cancel_wait=CANCEL_WAIT) if fast_lane else None
+    listener = Listener(runner, listen, limits(cfg), what=what, reuse_port=reuse_port, lane=lane)
     await listener.start()
     return listener
 
@@ -138,7 +141,7 @@ async def _serve_one_process(cfg: Config, dsn: str, stop: asyncio.Event) -> None
     settle_heap()
     public_site = admin_site = None
     try:
-        public_site = await start_site(public, cfg.server.listen, cfg, what="server.listen")
+        public_site = await start_site(public, cfg.server.listen, cfg, what="server.listen", fast_lane=True)
         admin_site = await start_site(admin, cfg.admin.listen, cfg, what="admin.listen")
         readiness.public_serving = True
         log.info("serving", extra={"public": str(cfg.server.listen), "admin": str(cfg.admin.listen),

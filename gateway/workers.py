@@ -84,7 +84,8 @@ async def _worker(cfg: Config, dsn: str, index: int, conn: Connection) -> int:
     try:
         await runner.setup()
         settle_heap()
-        site = await start_site(runner, cfg.server.listen, cfg, what="server.listen", reuse_port=True)
+        site = await start_site(runner, cfg.server.listen, cfg, what="server.listen", reuse_port=True,
+                                fast_lane=True)
     except GatewayError as err:
         send(("failed", err.message))
         await runner.cleanup()

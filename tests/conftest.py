@@ -29,7 +29,9 @@ from gateway.config import Config, build_config
 from gateway.db import migrate as db_migrate
 from gateway.demo.fake_gitlab import FakeGitLab
 from gateway.demo.fake_gitlab import create_app as create_fake_gitlab
+from gateway.listener import Listener
 from gateway.metrics import Metrics
+from gateway.server import public_runner, start_site, stop_site
 
 TEMPLATE = "gateway_test_template"
 CLIENT_ID = "test-client-id"
@@ -225,6 +227,24 @@ def make_config(*, public_port: int, admin_port: int, gitlab_url: str, upstream_
     return build_config(data, env={})
 
 
+class PublicServer:
+    """The public listener as `gateway run` starts it (a real Listener, the lane in front of aiohttp)."""
+
+    def __init__(self, cfg: Config, app: web.Application, *, lane: bool | None = None) -> None:
+        self.cfg = cfg
+        self.lane = os.environ.get("GATEWAY_TEST_LANE", "fast") != "aiohttp" if lane is None else lane
+        self.runner = public_runner(app, cfg)
+        self.listener: Listener | None = None
+
+    async def start_server(self) -> None:
+        await self.runner.setup()
+        self.listener = await start_site(self.runner, self.cfg.server.listen, self.cfg, what="server.listen",
+                                         fast_lane=self.lane)
+
+    async def close(self) -> None:
+        await stop_site(self.runner, self.listener)
+
+
 @dataclass
 class Gateway:
     """A running gateway (public + admin apps on real ports) with handles for assertions."""
@@ -236,7 +256,7 @@ class Gateway:
     admin_app: web.Application
     fake: FakeGitLab
     fake_url: str
-    servers: list[TestServer] = field(default_factory=list)
+    servers: list[TestServer | PublicServer] = field(default_factory=list)
 
     def browser(self, **kw: Any) -> Browser:
         return Browser(self, **kw)
@@ -314,15 +334,18 @@ async def gateway_factory(dsn: str, gitlab: tuple[FakeGitLab, str], upstream: st
     fake, gitlab_url = gitlab
     started: list[Gateway] = []
 
-    async def start(*, database: str | None = None, **sections: dict[str, Any]) -> Gateway:
+    async def start(*, database: str | None = None, upstream_url: str | None = None, lane: bool | None = None,
+                    **sections: dict[str, Any]) -> Gateway:
         public_port, admin_port = unused_tcp_port_factory(), unused_tcp_port_factory()
         cfg = make_config(public_port=public_port, admin_port=admin_port, gitlab_url=gitlab_url,
-                          upstream_url=upstream, **sections)
+                          upstream_url=upstream_url or upstream, **sections)
         fake.add_application(CLIENT_ID, CLIENT_SECRET, [cfg.server.callback_url])
         readiness, metrics = Readiness(), Metrics()
         public_app = create_public_app(cfg, database or dsn, readiness=readiness, metrics=metrics)
         admin_app = create_admin_app(cfg, database or dsn, readiness=readiness, metrics=metrics)
-        public = TestServer(public_app, host="127.0.0.1", port=public_port)
+        # The public app is served as `gateway run` serves it (server.start_site): the proxied path on the lane
+        # (web/fast_lane.py), the rest handed over to aiohttp; GATEWAY_TEST_LANE=aiohttp serves it all on aiohttp.
+        public = PublicServer(cfg, public_app, lane=lane)
         admin = TestServer(admin_app, host="127.0.0.1", port=admin_port)
         await public.start_server()
         await admin.start_server()
