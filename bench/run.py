@@ -29,7 +29,9 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
     signin-first-2      the gateway's; the -2 rows with server.workers 2 (issue 11: >= 300/s on 2 cores)
     signin-repeat-2
 
---auth-rounds also alternates auth_request-cache with nginx-keepalive (target >= 0.9x).
+--nginx-rounds alternates auth_request-cache with nginx-keepalive (target >= 0.9x): both nginx fronts one worker,
+pinned to CPU 1 (with the gateway, which answers the cache's misses), wrk and the upstream to CPU 0, the order
+swapped every round (ABBA) so that a load that rises or falls during a round pair hits both rows alike.
 
 Each row also reports the CPU time its own processes spent per request, which moves much less than req/s
 when something else competes for the cores. Finally bare and gateway-1 are measured again in interleaved
@@ -433,7 +435,9 @@ def main() -> int:
                         help="another checkout of the gateway (e.g. `git worktree add --detach DIR <commit>`): its "
                              "gateway-1-info joins the peer rounds, for a before/after in one run")
     parser.add_argument("--auth-rounds", type=int, default=4,
-                        help="interleaved rounds of auth-endpoint/go and auth_request-cache/nginx-keepalive (0: skip)")
+                        help="interleaved rounds of auth-endpoint/go (0: skip)")
+    parser.add_argument("--nginx-rounds", type=int, default=12,
+                        help="interleaved rounds of auth_request-cache/nginx-keepalive (0: skip)")
     parser.add_argument("--signin-users", type=int, default=300, help="users signed in by the signin rows")
     parser.add_argument("--profile", default="", metavar="ROW",
                         help="record that row's server with py-spy during its measured run; print where its time goes")
@@ -447,8 +451,9 @@ def main() -> int:
     policy_interleaved: list[float] = []
     token_interleaved: list[float] = []
     peers: dict[str, list[Result]] = {}
-    # auth-endpoint vs go, auth_request-cache vs nginx-keepalive, in alternating rounds (--auth-rounds)
+    # auth-endpoint vs go (--auth-rounds), auth_request-cache vs nginx-keepalive (--nginx-rounds), alternating
     auth_pairs: dict[str, list[Result]] = {}
+    nginx_pair: NginxPair | None = None
     fronts: dict[str, tuple[str, str, subprocess.Popen[bytes]]] = {}
     profile = ""
     started = time.monotonic()
@@ -561,6 +566,10 @@ def main() -> int:
                 if workers == 1 and args.auth_rounds:
                     auth_pairs = auth_rounds(fronts, workdir, procs, upstream, rounds=args.auth_rounds, load=load,
                                              connections=args.connections, others=[up_proc])
+                if workers == 1 and args.nginx_rounds and {"auth_request-cache", "nginx-keepalive"} <= set(fronts):
+                    nginx_pair = nginx_rounds(fronts["auth_request-cache"], fronts["nginx-keepalive"], proc,
+                                              rounds=args.nginx_rounds, load=load, connections=args.connections,
+                                              others=[up_proc])
                 if workers == 1 and "gateway-1-policy" in only:
                     p_path, p_public, p_admin = gateway_config(workdir, "gateway-1-policy", dsn=dsn,
                                                                upstream=upstream, workers=1, extra=policy_sections())
@@ -636,6 +645,8 @@ def main() -> int:
         print_peers(peers)
     if auth_pairs:
         print_auth_pairs(auth_pairs)
+    if nginx_pair is not None:
+        print_nginx_pair(nginx_pair)
     if profile:
         print("\n" + profile)
     if policy_interleaved:
@@ -727,14 +738,67 @@ def auth_rounds(fronts: dict[str, tuple[str, str, subprocess.Popen[bytes]]], wor
             out |= peer_rounds({"auth-endpoint": fronts["auth-endpoint"], "go": go}, rounds=rounds, load=load,
                                connections=connections, others=others)
             procs.stop(go[2])
-    if {"auth_request-cache", "nginx-keepalive"} <= set(fronts):
-        out |= peer_rounds({k: fronts[k] for k in ("auth_request-cache", "nginx-keepalive")}, rounds=rounds,
-                           load=load, connections=connections, others=others)
     return out
 
 
+@dataclass
+class NginxPair:
+    cache: list[Result]  # nginx + auth_request with the 5 s cache (its front's CPU)
+    base: list[Result]  # nginx proxy_pass + keepalive
+    gateway_us: list[float]  # the gateway's CPU per request of the cache row (its misses), per round
+
+
+def nginx_rounds(cache: tuple[str, str, subprocess.Popen[bytes]], base: tuple[str, str, subprocess.Popen[bytes]],
+                 gateway: subprocess.Popen[bytes], *, rounds: int, load: Callable[..., Result], connections: int,
+                 others: list[subprocess.Popen[bytes]]) -> NginxPair:
+    """nginx with the auth cache next to nginx proxy_pass with the same keep-alive pools (issue 11: >= 0.9x), in
+    2 s rounds, ABBA: the cache row first in even rounds, second in odd ones, so that load rising or falling
+    through a pair of runs favours neither. Both fronts are one nginx worker pinned to CPU 1, with the gateway
+    (it answers the cache's misses: the first request of each key and each expiry); wrk and the upstream on
+    CPU 0. The gateway's CPU is counted apart, to show what the misses cost."""
+    out = NginxPair([], [], [])
+    with pinned([cache[2], base[2], gateway], others, load):
+        for url, cookie, _ in (cache, base):
+            load(url, cookie, duration=1, connections=connections)  # warm-up: the cache entry, the pools
+        for i in range(rounds):
+            for which in ((cache, base) if i % 2 == 0 else (base, cache)):
+                url, cookie, front = which
+                before, gw_before = cpu_seconds([front]), cpu_seconds([gateway])
+                r = load(url, cookie, duration=2, connections=connections)
+                r.cpu_us = (cpu_seconds([front]) - before) / max(r.requests, 1) * 1e6
+                if which is cache:
+                    out.cache.append(r)
+                    out.gateway_us.append((cpu_seconds([gateway]) - gw_before) / max(r.requests, 1) * 1e6)
+                else:
+                    out.base.append(r)
+    return out
+
+
+def spread(values: list[float]) -> str:
+    """median [quartiles] (min-max), then every value in order."""
+    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return (f"{statistics.median(values):.2f}x [IQR {q[0]:.2f}-{q[2]:.2f}, range {min(values):.2f}-{max(values):.2f}]"
+            f" rounds: {' '.join(f'{x:.2f}' for x in values)}")
+
+
+def print_nginx_pair(pair: NginxPair) -> None:
+    rps = [a.rps / b.rps for a, b in zip(pair.cache, pair.base, strict=True)]
+    cpu = [b.cpu_us / a.cpu_us for a, b in zip(pair.cache, pair.base, strict=True) if a.cpu_us and b.cpu_us]
+    print(f"\n{LABELS['auth_request-cache']} / {LABELS['nginx-keepalive']}, {len(rps)} interleaved rounds of 2 s "
+          "(ABBA), both fronts one worker pinned to CPU 1 with the gateway (wrk and the upstream on CPU 0); medians:")
+    for name, rows in (("auth_request-cache", pair.cache), ("nginx-keepalive", pair.base)):
+        print(f"  {LABELS[name]:<36} {statistics.median(r.rps for r in rows):>7.0f} req/s  "
+              f"p99 {statistics.median(r.p99_ms for r in rows):6.2f} ms  "
+              f"{statistics.median(r.cpu_us for r in rows if r.cpu_us):5.1f} us nginx CPU/req")
+    print(f"  gateway CPU during the cache row (its misses, and its idle work): "
+          f"{statistics.median(pair.gateway_us):.2f} us per request")
+    verdict = "met" if statistics.median(rps) >= 0.9 else "NOT met"
+    print(f"  req/s ratio (target >= 0.9x: {verdict}): {spread(rps)}")
+    print(f"  by nginx CPU per request:           {spread(cpu)}")
+
+
 def print_auth_pairs(pairs: dict[str, list[Result]]) -> None:
-    for name, base, target in (("auth-endpoint", "go", 1.5), ("auth_request-cache", "nginx-keepalive", 0.9)):
+    for name, base, target in (("auth-endpoint", "go", 1.5),):
         if name not in pairs or base not in pairs:
             continue
         rps = [a.rps / b.rps for a, b in zip(pairs[name], pairs[base], strict=True)]
@@ -900,6 +964,9 @@ def print_table(results: dict[str, Result], args: argparse.Namespace, elapsed: f
         verdict = "" if value == "-" else ("  met" if float(value[:-1]) >= target else "  NOT met")
         extra = f"; by CPU per request {cpu_ratio(name, base)}" if base in ("bare", "gateway-1") else ""
         print(f"  {LABELS[name]} / {LABELS[base]}: {value} (target >= {target}x){verdict}{extra}")
+    if "auth_request-cache" in results and "nginx-keepalive" in results:
+        print("  (the auth_request-cache ratios above are of one-shot rows run at different times, unpinned: quote "
+              "the interleaved --nginx-rounds figure below)")
     failed = [n for n, r in results.items() if r.errors]
     if failed:
         print(f"\nrows with non-200 answers or socket errors: {', '.join(failed)}")

@@ -199,3 +199,54 @@ async def test_a_renewed_cache_entry_is_read_from_its_new_file(gateway_factory, 
             await asyncio.sleep(6.2)  # the 5 s entry has expired (nginx counts whole seconds)
             for _ in range(3):  # the new answer, then twice from the entry that replaced the old one
                 assert await groups() == ["gateway-users,ops"]
+
+
+async def test_the_auth_cache_keeps_each_answer_with_its_session(gateway_factory, upstream, unused_tcp_port_factory):
+    """auth_request_cached.conf: an answer nginx remembers only ever serves the session cookie it was asked for
+    (two users taking turns and at once, requests without a cookie or with an Authorization header beside the
+    cookie, a Cookie header naming two sessions), and a revoked session stops working through the cache within
+    the bound its comment states (5 s, at worst just under 6), while the gateway itself refuses it at once."""
+    nginx_port = unused_tcp_port_factory()
+    nginx_url = f"http://127.0.0.1:{nginx_port}"
+    gw = await gateway_factory(server={"public_url": nginx_url, "trusted_proxies": ["127.0.0.1/32"]})
+    gw.fake.add_user(10, "alice", email="alice@example.com")
+    gw.fake.add_user(11, "bob", email="bob@example.com")
+    with run_nginx("auth_request_cached.conf", nginx_port=nginx_port, gateway=URL(gw.public_url).raw_authority,
+                   upstream=URL(upstream).raw_authority):
+        via_nginx: Gateway = dataclasses.replace(gw, public_url=nginx_url)
+        cookies = {}
+        for login in ("alice", "bob"):
+            async with via_nginx.browser() as b:
+                await b.sign_in(login, rd="/")
+                cookies[login] = f"_gateway={b.cookie('_gateway')}"
+
+        async with aiohttp.ClientSession() as http:
+            async def seen_as(headers: dict[str, str]) -> str:
+                """Who the tool was told the request came from ("302" when nginx sent it to sign in)."""
+                async with http.get(nginx_url + "/page", headers=headers, allow_redirects=False) as r:
+                    if r.status != 200:
+                        return str(r.status)
+                    return ",".join(echoed_headers(await r.json()).get("x-forwarded-user", ["(none)"]))
+
+            cases = [({"Cookie": cookies["alice"]}, "alice"), ({"Cookie": cookies["bob"]}, "bob"),
+                     ({}, "302"), ({"Cookie": "_gateway="}, "302"),
+                     ({"Cookie": cookies["alice"], "Authorization": "Basic dG9vbDpvd24="}, "alice"),
+                     # nginx keys (and shows the gateway) the first _gateway cookie only.
+                     ({"Cookie": f"{cookies['bob']}; {cookies['alice']}"}, "bob")]
+            for _ in range(3):  # taking turns: the first round fills the cache, the others are hits
+                assert [await seen_as(h) for h, _ in cases] == [who for _, who in cases]
+            answers = await asyncio.gather(*(seen_as(h) for _ in range(10) for h, _ in cases))  # all at once
+            assert answers == [who for _ in range(10) for _, who in cases]
+
+            async with gw.admin() as admin:
+                r = await admin.get("/api/v1/sessions", params={"login": "alice"})
+                (session,) = (await r.json())["items"]
+                assert (await admin.delete(f"/api/v1/sessions/{session['id']}")).status == 204
+            revoked = time.monotonic()
+            async with http.get(gw.public_url + "/oauth2/auth", headers={"Cookie": cookies["alice"]}) as r:
+                assert r.status == 401  # the gateway: at once
+            while (answer := await seen_as({"Cookie": cookies["alice"]})) == "alice":
+                assert time.monotonic() - revoked < 8, "nginx kept answering for a revoked session past its bound"
+                await asyncio.sleep(0.1)
+            assert answer == "302"
+            assert await seen_as({"Cookie": cookies["bob"]}) == "bob"

@@ -328,6 +328,12 @@ def cache_checks(c: Checks, rec: Recorder, port: int, cached: bool) -> None:
             len(rec.hits("gateway", "/oauth2/auth")))
 
     rec.clear()
+    for _ in range(2):  # erin's 202 is in the cache, but an Authorization header (a token) is judged every time
+        request(port, "GET", "/page", [("Cookie", "_gateway=erin-session"), ("Authorization", "Basic dG9vbDpvd24=")])
+    c.check(len(rec.hits("gateway", "/oauth2/auth")) == 2, "a request with an Authorization header bypasses the cache",
+            len(rec.hits("gateway", "/oauth2/auth")))
+
+    rec.clear()
     request(port, "GET", "/page", [("Cookie", "_gateway=dave-session; _GATEWAY=x; _gateway=alice-session")])
     auth = rec.hits("gateway", "/oauth2/auth")
     c.check(len(auth) == 1 and auth[0][2].get("cookie") == ["_gateway=dave-session"],
