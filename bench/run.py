@@ -31,7 +31,9 @@ Every row serves the same 200-byte static page from nginx with a signed-in cooki
 
 --nginx-rounds alternates auth_request-cache with nginx-keepalive (target >= 0.9x): both nginx fronts one worker,
 pinned to CPU 1 (with the gateway, which answers the cache's misses), wrk and the upstream to CPU 0, the order
-swapped every round (ABBA) so that a load that rises or falls during a round pair hits both rows alike.
+swapped every round (ABBA) so that a load that rises or falls during a round pair hits both rows alike, and
+both fronts held to --nginx-quota % of that CPU: on 2 cores wrk and the upstream cannot load an nginx front
+to its limit, so without the quota req/s measures the load generator's side more than nginx's.
 
 Each row also reports the CPU time its own processes spent per request, which moves much less than req/s
 when something else competes for the cores. Finally bare and gateway-1 are measured again in interleaved
@@ -438,6 +440,8 @@ def main() -> int:
                         help="interleaved rounds of auth-endpoint/go (0: skip)")
     parser.add_argument("--nginx-rounds", type=int, default=12,
                         help="interleaved rounds of auth_request-cache/nginx-keepalive (0: skip)")
+    parser.add_argument("--nginx-quota", type=int, default=30, metavar="PERCENT",
+                        help="CPU quota of both nginx fronts in those rounds, in %% of one CPU (0: none)")
     parser.add_argument("--signin-users", type=int, default=300, help="users signed in by the signin rows")
     parser.add_argument("--profile", default="", metavar="ROW",
                         help="record that row's server with py-spy during its measured run; print where its time goes")
@@ -569,7 +573,7 @@ def main() -> int:
                 if workers == 1 and args.nginx_rounds and {"auth_request-cache", "nginx-keepalive"} <= set(fronts):
                     nginx_pair = nginx_rounds(fronts["auth_request-cache"], fronts["nginx-keepalive"], proc,
                                               rounds=args.nginx_rounds, load=load, connections=args.connections,
-                                              others=[up_proc])
+                                              others=[up_proc], quota=args.nginx_quota)
                 if workers == 1 and "gateway-1-policy" in only:
                     p_path, p_public, p_admin = gateway_config(workdir, "gateway-1-policy", dsn=dsn,
                                                                upstream=upstream, workers=1, extra=policy_sections())
@@ -746,18 +750,20 @@ class NginxPair:
     cache: list[Result]  # nginx + auth_request with the 5 s cache (its front's CPU)
     base: list[Result]  # nginx proxy_pass + keepalive
     gateway_us: list[float]  # the gateway's CPU per request of the cache row (its misses), per round
+    quota: int  # % of one CPU both fronts were held to (0: none)
 
 
 def nginx_rounds(cache: tuple[str, str, subprocess.Popen[bytes]], base: tuple[str, str, subprocess.Popen[bytes]],
                  gateway: subprocess.Popen[bytes], *, rounds: int, load: Callable[..., Result], connections: int,
-                 others: list[subprocess.Popen[bytes]]) -> NginxPair:
+                 others: list[subprocess.Popen[bytes]], quota: int) -> NginxPair:
     """nginx with the auth cache next to nginx proxy_pass with the same keep-alive pools (issue 11: >= 0.9x), in
     2 s rounds, ABBA: the cache row first in even rounds, second in odd ones, so that load rising or falling
     through a pair of runs favours neither. Both fronts are one nginx worker pinned to CPU 1, with the gateway
     (it answers the cache's misses: the first request of each key and each expiry); wrk and the upstream on
-    CPU 0. The gateway's CPU is counted apart, to show what the misses cost."""
-    out = NginxPair([], [], [])
-    with pinned([cache[2], base[2], gateway], others, load):
+    CPU 0. The gateway's CPU is counted apart, to show what the misses cost. With `quota`, both fronts share
+    one cgroup holding them to that % of a CPU (they take turns, so each has it whole in its round)."""
+    with pinned([cache[2], base[2], gateway], others, load), cpu_quota([cache[2], base[2]], quota) as applied:
+        out = NginxPair([], [], [], quota if applied else 0)
         for url, cookie, _ in (cache, base):
             load(url, cookie, duration=1, connections=connections)  # warm-up: the cache entry, the pools
         for i in range(rounds):
@@ -774,6 +780,49 @@ def nginx_rounds(cache: tuple[str, str, subprocess.Popen[bytes]], base: tuple[st
     return out
 
 
+@contextlib.contextmanager
+def cpu_quota(procs: list[subprocess.Popen[bytes]], percent: int) -> Iterator[bool]:
+    """Hold these processes and their children to `percent` of one CPU with a cgroup's CFS quota (cgroup v2's
+    cpu.max, else v1's cpu.cfs_quota_us; needs root). Yields whether that could be done."""
+    import psutil
+
+    if percent <= 0:
+        yield False
+        return
+    pids = [p.pid for proc in procs for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children())]
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
+    name = f"gateway-bench-{os.getpid()}"
+    try:
+        if (v2 / "cgroup.controllers").exists():
+            root = v2
+            if "cpu" not in (root / "cgroup.subtree_control").read_text().split():
+                (root / "cgroup.subtree_control").write_text("+cpu")
+            (root / name).mkdir()
+            (root / name / "cpu.max").write_text(f"{percent * 1000} 100000")
+        else:
+            root = v1
+            (root / name).mkdir()
+            (root / name / "cpu.cfs_period_us").write_text("100000")
+            (root / name / "cpu.cfs_quota_us").write_text(str(percent * 1000))
+        for pid in pids:
+            (root / name / "cgroup.procs").write_text(str(pid))
+    except OSError as err:
+        print(f"  no CPU quota for the nginx fronts ({err}): their req/s ratio is bounded by wrk's side",
+              file=sys.stderr)
+        with contextlib.suppress(OSError, UnboundLocalError):
+            (root / name).rmdir()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                (root / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(OSError):
+            (root / name).rmdir()
+
+
 def spread(values: list[float]) -> str:
     """median [quartiles] (min-max), then every value in order."""
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
@@ -784,14 +833,21 @@ def spread(values: list[float]) -> str:
 def print_nginx_pair(pair: NginxPair) -> None:
     rps = [a.rps / b.rps for a, b in zip(pair.cache, pair.base, strict=True)]
     cpu = [b.cpu_us / a.cpu_us for a, b in zip(pair.cache, pair.base, strict=True) if a.cpu_us and b.cpu_us]
+    held = f", held to {pair.quota} % of it" if pair.quota else " (no CPU quota)"
     print(f"\n{LABELS['auth_request-cache']} / {LABELS['nginx-keepalive']}, {len(rps)} interleaved rounds of 2 s "
-          "(ABBA), both fronts one worker pinned to CPU 1 with the gateway (wrk and the upstream on CPU 0); medians:")
+          f"(ABBA), both fronts one worker pinned to CPU 1{held}, with the gateway (wrk and the upstream on CPU 0); "
+          "medians:")
     for name, rows in (("auth_request-cache", pair.cache), ("nginx-keepalive", pair.base)):
         print(f"  {LABELS[name]:<36} {statistics.median(r.rps for r in rows):>7.0f} req/s  "
               f"p99 {statistics.median(r.p99_ms for r in rows):6.2f} ms  "
               f"{statistics.median(r.cpu_us for r in rows if r.cpu_us):5.1f} us nginx CPU/req")
+    # How busy each front kept its CPU: well under 100 % (or under the quota) means the front was not what bounded
+    # req/s (wrk and the upstream on the other CPU were), and the req/s ratio then lies between the CPU ratio and 1.
+    busy = {name: statistics.median((r.cpu_us or 0) * r.rps / 1e4 for r in rows)
+            for name, rows in (("cache", pair.cache), ("keepalive", pair.base))}
     print(f"  gateway CPU during the cache row (its misses, and its idle work): "
-          f"{statistics.median(pair.gateway_us):.2f} us per request")
+          f"{statistics.median(pair.gateway_us):.2f} us per request; CPU 1 busy with the front: "
+          f"{busy['cache']:.0f} % (cache), {busy['keepalive']:.0f} % (keepalive)")
     verdict = "met" if statistics.median(rps) >= 0.9 else "NOT met"
     print(f"  req/s ratio (target >= 0.9x: {verdict}): {spread(rps)}")
     print(f"  by nginx CPU per request:           {spread(cpu)}")
