@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.db.server import hold_session_state
 from gateway.db.users import SELECT_COLUMNS, User
 
 # One run at a time across every replica: held (session level) by the connection that runs, for the whole run.
@@ -112,6 +113,7 @@ class Run:
 
 
 async def try_lock(conn: asyncpg.Connection) -> bool:
+    hold_session_state(conn)  # a session lock: the pool's release must clear it if `unlock` never runs
     return bool(await conn.fetchval(TRY_LOCK, RUN_LOCK_KEY))
 
 

@@ -80,6 +80,39 @@ STATEMENT_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 
 
+class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, handed back to the pool without a round trip unless it holds session state.
+
+    asyncpg resets every released connection with one more statement (release advisory locks, close cursors,
+    UNLISTEN, RESET ALL): a round trip and some server CPU per acquire, on every sign-in and session look-up.
+    The gateway's pooled connections keep no session state: transactions take transaction-level locks and
+    LISTEN has a connection of its own (sessions/store.py); asyncpg itself still rolls back an open
+    transaction and drops listeners at every release. The one exception, automatic provisioning's run lock (a
+    session-level advisory lock), marks its connection with `hold_session_state` first, and that connection
+    gets asyncpg's full reset at its release."""
+
+    _holds_session_state = False
+
+    def hold_session_state(self) -> None:
+        self._holds_session_state = True
+
+    def get_reset_query(self) -> str:
+        if not self._holds_session_state:
+            return ""
+        self._holds_session_state = False
+        query: str = super().get_reset_query()
+        return query
+
+
+def hold_session_state(conn: asyncpg.Connection) -> None:
+    """Say that `conn` (pooled) is about to take session-level state (a session advisory lock, a SET), so that
+    its release resets it. Call it BEFORE the statement: a cancelled statement may still have taken effect."""
+    # A pool's proxy passes it on to its GatewayConnection; other connections are reset as asyncpg does anyway.
+    mark = getattr(conn, "hold_session_state", None)
+    if mark is not None:
+        mark()
+
+
 class BoundedPool(asyncpg.Pool):  # type: ignore[misc]
     """asyncpg's pool with a default acquire timeout (also used for `pool.fetch...` and for the release)."""
 
@@ -92,7 +125,7 @@ async def create_pool(dsn: str, *, size: int) -> asyncpg.Pool:
     try:
         pool = await BoundedPool(dsn, min_size=1, max_size=size, max_queries=50000,
                                  max_inactive_connection_lifetime=300.0, loop=None,
-                                 connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+                                 connection_class=GatewayConnection, record_class=asyncpg.Record,
                                  timeout=CONNECT_TIMEOUT, command_timeout=STATEMENT_TIMEOUT)
     # ValueError/OverflowError: a DSN asyncpg cannot use (a port out of range)
     except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, OverflowError) as exc:

@@ -39,7 +39,8 @@ CONNECT_TIMEOUT: Final = 5.0
 _BLOCKED_STATES: Final = frozenset({"blocked", "ldap_blocked", "blocked_pending_approval", "banned"})
 _SHORT_CODE = re.compile(r"[a-z_]{1,40}")
 _MISCONFIGURED: Final = "gitlab_misconfigured"
-MAX_RETRY_AFTER: Final = 3600  # a longer (or absurd) Retry-After is shown as an hour
+MAX_RETRY_AFTER: Final = 3600
+FORM: Final = "application/x-www-form-urlencoded"  # a longer (or absurd) Retry-After is shown as an hour
 
 # Why GitLab's API refuses a user: its API guard answers 403 {"message": "403 Forbidden - <reason>"} with the
 # reason from Gitlab::Auth::UserAccessDeniedReason#rejection_message (lib/gitlab/auth/user_access_denied_reason.rb,
@@ -124,8 +125,16 @@ class _Answer:
     endpoint: str
     status: int
     headers: CIMultiDictProxy[str]
-    links: Mapping[str, Mapping[str, Any]]
+    response: aiohttp.ClientResponse = field(repr=False)  # read for its Link header only when it is needed
     body: bytes
+
+    @property
+    def links(self) -> Mapping[str, Mapping[str, Any]]:
+        """The parsed Link header; a malformed one counts as absent (pagination then fails safe)."""
+        try:
+            return self.response.links
+        except ValueError:
+            return {}
 
 
 def _short_code(value: object) -> str | None:
@@ -165,6 +174,9 @@ class GitLabClient:
             connector=aiohttp.TCPConnector(ssl=ssl_ctx),
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             raise_for_status=False,
+            # GitLab's answers are never sent back as cookies: one jar shared by every user's calls could
+            # only carry one user's cookie into another's request (and filling it costs every request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     # ---------------------------------------------------------------------------------------------------
@@ -402,14 +414,19 @@ class GitLabClient:
                        params: Mapping[str, str] | None = None, data: Mapping[str, str] | None = None,
                        auth: str | None = None) -> _Answer:
         authorization = f"Bearer {token}" if token is not None else auth
-        headers = {"Authorization": authorization} if authorization is not None else None
+        headers = {"Authorization": authorization} if authorization is not None else {}
+        body = None
+        if data is not None:
+            # Encoded here, as aiohttp's FormData would (urlencode, UTF-8), without its per-request machinery.
+            body = urlencode(data).encode()
+            headers["Content-Type"] = FORM
         try:
             # Redirects are not followed: the API never redirects, and a redirect (http -> https, a moved
             # GitLab) would turn the token POST into a GET or carry the bearer token elsewhere.
-            async with self._session.request(method, f"{self._cfg.url}{path}", params=params, data=data,
+            async with self._session.request(method, f"{self._cfg.url}{path}", params=params, data=body,
                                              headers=headers, allow_redirects=False) as resp:
                 body = await resp.read()
-                answer = _Answer(endpoint, resp.status, resp.headers, _links(resp), body)
+                answer = _Answer(endpoint, resp.status, resp.headers, resp, body)
         except aiohttp.ClientConnectorCertificateError:
             self._record(endpoint, 0)
             raise GitLabUnavailable(
@@ -509,14 +526,6 @@ def _raise_for_status(answer: _Answer) -> None:
         raise GitLabUnavailable(f"GitLab answered HTTP {status} to the {endpoint} request: check gitlab.url",
                                 code=_MISCONFIGURED)
     raise GitLabUnavailable(f"GitLab answered HTTP {status} to the {endpoint} request")
-
-
-def _links(resp: aiohttp.ClientResponse) -> Mapping[str, Mapping[str, Any]]:
-    """The parsed Link header; a malformed one counts as absent (pagination then fails safe)."""
-    try:
-        return resp.links
-    except ValueError:
-        return {}
 
 
 def _token_response(answer: _Answer) -> TokenResponse:
