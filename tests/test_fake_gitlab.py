@@ -478,6 +478,32 @@ async def test_groups_direct_plus_descendants_with_min_access_level(fake_and_cli
     assert await resp.json() == []  # minimal access (5) is not membership
 
 
+async def test_groups_listing_follows_renames_and_transfers_after_being_listed(fake_and_client: Any) -> None:
+    """The listing's JSON is kept per group (the sign-in benchmark lists 50 groups per sign-in): what a rename,
+    a transfer or a deletion changes shows at once, and the body is what encoding the entities gives."""
+    fake, client = fake_and_client
+    alice = bearer((await tokens(client, "alice"))["access_token"])
+
+    async def listing() -> list[dict[str, Any]]:
+        resp = await client.get("/api/v4/groups?min_access_level=10&per_page=100", headers=alice)
+        assert resp.content_type == "application/json"
+        body = await resp.text()
+        entities = [fake._group_entity(str(client.make_url("")).rstrip("/"), fake.group(g["id"]))
+                    for g in json.loads(body)]
+        assert body == json.dumps(entities)
+        return entities
+
+    before = {g["id"]: g["full_path"] for g in await listing()}
+    assert before[12] == "acme/platform/sre"
+    fake.rename_group("acme/platform", "infra")
+    fake.transfer_group("acme/docs", "other-org")
+    after = {g["id"]: (g["full_path"], g["parent_id"]) for g in await listing()}
+    assert after[11] == ("acme/infra", 10) and after[12] == ("acme/infra/sre", 11)
+    assert after[13][0] == "other-org/docs" and after[13][1] == fake.group("other-org").id
+    fake.delete_group("acme/infra")
+    assert {g["full_path"] for g in await listing()} == {"acme", "other-org", "other-org/docs"}
+
+
 async def test_groups_need_read_api(fake_and_client: Any) -> None:
     _, client = fake_and_client
     body = await tokens(client, "alice", scope="read_user openid")

@@ -434,6 +434,36 @@ def _seed_time(entity_id: int) -> str:
 # ---------------------------------------- the fake
 
 
+class _Memberships(dict[tuple[int, int], int]):
+    """(user id, group id) -> access level, with each user's memberships at hand (`of`): listing one user's
+    groups must not scan every membership of a large stand-in (the sign-in benchmark holds thousands)."""
+
+    def __init__(self, items: Mapping[tuple[int, int], int] | None = None) -> None:
+        super().__init__()
+        self._by_user: dict[int, dict[int, int]] = {}
+        for key, level in (items or {}).items():
+            self[key] = level
+
+    def __setitem__(self, key: tuple[int, int], level: int) -> None:
+        super().__setitem__(key, level)
+        self._by_user.setdefault(key[0], {})[key[1]] = level
+
+    def __delitem__(self, key: tuple[int, int]) -> None:
+        super().__delitem__(key)
+        del self._by_user[key[0]][key[1]]
+
+    def pop(self, key: tuple[int, int], default: int | None = None) -> int | None:  # type: ignore[override]
+        if key not in self:
+            return default
+        level = self[key]
+        del self[key]
+        return level
+
+    def of(self, user_id: int) -> Mapping[int, int]:
+        """group id -> access level of the user's direct memberships."""
+        return self._by_user.get(user_id, {})
+
+
 class FakeGitLab:
     """In-memory GitLab: seed it, then serve it with create_app() or serve()."""
 
@@ -447,7 +477,10 @@ class FakeGitLab:
         self._apps: dict[str, _Application] = {}
         self._users: dict[int, FakeUser] = {}
         self._groups: dict[int, FakeGroup] = {}
-        self._members: dict[tuple[int, int], int] = {}
+        self._memberships = _Memberships()
+        self._children: dict[int, list[int]] = {}  # group id -> its subgroups' ids (see _refresh_paths)
+        # GET /groups answers each group as this JSON, encoded once per (URL, id) while the group stays the same
+        self._group_json_cache: dict[tuple[str, int], tuple[tuple[object, ...], str]] = {}
         self._grants: dict[str, _Grant] = {}
         self._tokens: dict[str, _Token] = {}
         self._refresh_tokens: dict[str, _Token] = {}
@@ -464,6 +497,14 @@ class FakeGitLab:
         self._access_tokens: dict[str, AccessToken] = {}
         self.admins: set[int] = set()
         self.throttle: Throttle | None = None
+
+    @property
+    def _members(self) -> _Memberships:
+        return self._memberships
+
+    @_members.setter
+    def _members(self, members: Mapping[tuple[int, int], int]) -> None:
+        self._memberships = _Memberships(members)
 
     # ------------------------------------------------------------------ seeding
 
@@ -590,6 +631,7 @@ class FakeGitLab:
         for gid in doomed:
             del self._groups[gid]
         self._members = {k: v for k, v in self._members.items() if k[1] not in doomed}
+        self._refresh_paths()
 
     def set_user_state(self, user: int | str, state: str) -> None:
         """Set a user's state: active, blocked, ldap_blocked, banned, deactivated..."""
@@ -788,9 +830,20 @@ class FakeGitLab:
         return chain
 
     def _descendants(self, gid: int) -> set[int]:
-        return {g.id for g in self._groups.values() if gid in self._ancestors(g.id)}
+        found: set[int] = set()
+        below = list(self._children.get(gid, ()))
+        while below:
+            child = below.pop()
+            found.add(child)
+            below.extend(self._children.get(child, ()))
+        return found
 
     def _refresh_paths(self) -> None:
+        """Recompute every full path and name, and the tree (_children), after any change to the groups."""
+        self._children = {}
+        for group in self._groups.values():
+            if group.parent_id is not None:
+                self._children.setdefault(group.parent_id, []).append(group.id)
         for group in self._groups.values():
             lineage = [self._groups[a] for a in reversed(self._ancestors(group.id))] + [group]
             group.full_path = "/".join(g.path for g in lineage)
@@ -799,8 +852,8 @@ class FakeGitLab:
     def _direct_ids(self, user_id: int, min_level: int, *, exact: bool = False) -> list[int]:
         return sorted(
             gid
-            for (uid, gid), level in self._members.items()
-            if uid == user_id and (level == min_level if exact else level >= min_level)
+            for gid, level in self._members.of(user_id).items()
+            if (level == min_level if exact else level >= min_level)
         )
 
     def _membership_ids(self, user_id: int, min_level: int) -> set[int]:
@@ -1194,6 +1247,14 @@ class FakeGitLab:
             "created_at": _seed_time(group.id),
             "parent_id": group.parent_id,
         }
+
+    def _group_json(self, base: str, group: FakeGroup) -> str:
+        """_group_entity as JSON text, encoded again only when something it shows has changed."""
+        shown = (group.name, group.path, group.full_path, group.full_name, group.parent_id)
+        cached = self._group_json_cache.get((base, group.id))
+        if cached is None or cached[0] != shown:
+            cached = self._group_json_cache[(base, group.id)] = (shown, json.dumps(self._group_entity(base, group)))
+        return cached[1]
 
     def _take_failure(self, endpoint: str, page: int) -> _FailureRule | None:
         for rule in self._failures:
@@ -1613,8 +1674,10 @@ async def _api_groups(request: web.Request) -> web.Response:
     groups = _listed_groups(fake, user, query)
     start = (query.page - 1) * query.per_page
     base = fake._base_url(request)
-    items = [fake._group_entity(base, g) for g in groups[start : start + query.per_page]]
-    return web.json_response(items, headers=_pagination_headers(fake, request, query, len(groups)))
+    # What web.json_response(list of entities) would send, from each entity's cached JSON.
+    items = ", ".join(fake._group_json(base, g) for g in groups[start : start + query.per_page])
+    return web.Response(text=f"[{items}]", content_type="application/json",
+                        headers=_pagination_headers(fake, request, query, len(groups)))
 
 
 # ---------------------------------------- wiring
