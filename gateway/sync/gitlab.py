@@ -21,13 +21,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from gateway.config import ConfigError, GitLabConfig
 from gateway.errors import GitLabRateLimited, GitLabUnavailable, InvalidState, SignInRefused
+from gateway.sync.gitlab_http import GitLabConnector, GitLabHTTP, ProtocolError
 
 log = logging.getLogger("gateway.gitlab")
 
@@ -125,16 +127,41 @@ class _Answer:
     endpoint: str
     status: int
     headers: CIMultiDictProxy[str]
-    response: aiohttp.ClientResponse = field(repr=False)  # read for its Link header only when it is needed
+    url: str  # of the request: relative links are resolved against it
     body: bytes
 
     @property
     def links(self) -> Mapping[str, Mapping[str, Any]]:
-        """The parsed Link header; a malformed one counts as absent (pagination then fails safe)."""
+        """The parsed Link header (read only when pagination needs it); a malformed one counts as absent
+        (pagination then fails safe)."""
         try:
-            return self.response.links
+            return parse_links(self.headers.getall("Link", []), URL(self.url))
         except ValueError:
             return {}
+
+
+def parse_links(values: list[str], base: URL) -> Mapping[str, Mapping[str, Any]]:
+    """rel -> {"url": URL, and the other parameters} of Link header values (RFC 8288), as aiohttp's
+    ClientResponse.links reads them: the URL resolved against `base`; ValueError for a malformed URL."""
+    links: dict[str, Mapping[str, Any]] = {}
+    for value in _LINK_SPLIT.split(", ".join(values)) if values else ():
+        match = _LINK.match(value)
+        if match is None:
+            continue
+        target, params = match.groups()
+        link: dict[str, Any] = {}
+        for param in params.split(";")[1:]:
+            pm = _LINK_PARAM.match(param)
+            if pm is not None:
+                link.setdefault(pm.group(1), pm.group(3))
+        link["url"] = base.join(URL(target))
+        links.setdefault(str(link.get("rel", target)), link)
+    return links
+
+
+_LINK_SPLIT = re.compile(r",(?=\s*<)")
+_LINK = re.compile(r"\s*<(.*)>(.*)")
+_LINK_PARAM = re.compile(r"^\s*(\S*)\s*=\s*(['\"]?)(.*?)(\2)\s*$", re.M)
 
 
 def _short_code(value: object) -> str | None:
@@ -143,12 +170,19 @@ def _short_code(value: object) -> str | None:
 
 
 class GitLabClient:
-    """Talks to one GitLab over one shared `ClientSession` (see `make_session`)."""
+    """Talks to one GitLab over one shared `ClientSession` made by `make_session`: its own calls go through
+    the session connector's GitLabHTTP pool (gitlab_http.py), anything else (automatic provisioning) through
+    aiohttp."""
 
     def __init__(self, cfg: GitLabConfig, session: aiohttp.ClientSession,
                  on_request: Callable[[str, int], None] | None = None) -> None:
         self._cfg = cfg
         self._session = session
+        connector = session.connector
+        if not isinstance(connector, GitLabConnector):
+            raise TypeError("GitLabClient needs a session made by GitLabClient.make_session")
+        self._http = connector.http
+        self._base_path = urlsplit(cfg.url).path.rstrip("/")
         self._on_request = on_request
         # GitLab's discovery document, read once (SPEC §16): the issuer it announces and where browsers go.
         self._issuer: str | None = cfg.issuer
@@ -169,10 +203,14 @@ class GitLabClient:
             except OSError as exc:  # ssl.SSLError is one: not PEM, or no certificate in it
                 raise ConfigError([f"gitlab.ca_file: cannot load {cfg.ca_file} as a CA bundle: "
                                    f"{exc.strerror or exc}"]) from None
+        connect_timeout = min(cfg.timeout, CONNECT_TIMEOUT)
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        http = GitLabHTTP(cfg.url, ssl_context=ssl_ctx if isinstance(ssl_ctx, ssl.SSLContext) else None,
+                          connect_timeout=connect_timeout, headers={**headers, "Accept-Encoding": "gzip, deflate"})
         return aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=cfg.timeout, connect=min(cfg.timeout, CONNECT_TIMEOUT)),
-            connector=aiohttp.TCPConnector(ssl=ssl_ctx),
-            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=cfg.timeout, connect=connect_timeout),
+            connector=GitLabConnector(http, ssl=ssl_ctx),
+            headers=headers,
             raise_for_status=False,
             # GitLab's answers are never sent back as cookies: one jar shared by every user's calls could
             # only carry one user's cookie into another's request (and filling it costs every request).
@@ -417,26 +455,26 @@ class GitLabClient:
         headers = {"Authorization": authorization} if authorization is not None else {}
         body = None
         if data is not None:
-            # Encoded here, as aiohttp's FormData would (urlencode, UTF-8), without its per-request machinery.
+            # Form-encoded (UTF-8) as aiohttp's FormData did.
             body = urlencode(data).encode()
             headers["Content-Type"] = FORM
+        target = self._base_path + path + (f"?{urlencode(params)}" if params else "")
         try:
             # Redirects are not followed: the API never redirects, and a redirect (http -> https, a moved
             # GitLab) would turn the token POST into a GET or carry the bearer token elsewhere.
-            async with self._session.request(method, f"{self._cfg.url}{path}", params=params, data=body,
-                                             headers=headers, allow_redirects=False) as resp:
-                body = await resp.read()
-                answer = _Answer(endpoint, resp.status, resp.headers, resp, body)
-        except aiohttp.ClientConnectorCertificateError:
+            async with asyncio.timeout(self._cfg.timeout):
+                reply = await self._http.request(method, target, headers=headers, body=body)
+            answer = _Answer(endpoint, reply.status, reply.headers, f"{self._cfg.url}{path}", reply.body)
+        except ssl.SSLCertVerificationError:
             self._record(endpoint, 0)
             raise GitLabUnavailable(
                 "GitLab's TLS certificate is not trusted: set gitlab.ca_file to its CA bundle",
                 code=_MISCONFIGURED) from None
-        except TimeoutError:  # also aiohttp.ServerTimeoutError
+        except TimeoutError:
             self._record(endpoint, 0)
             raise GitLabUnavailable(f"GitLab did not answer the {endpoint} request in time "
                                     f"(gitlab.timeout is {self._cfg.timeout:g} seconds)") from None
-        except aiohttp.ClientError as exc:
+        except (OSError, ProtocolError) as exc:
             self._record(endpoint, 0)
             raise GitLabUnavailable(
                 f"Cannot reach GitLab for the {endpoint} request ({type(exc).__name__}): check gitlab.url "
