@@ -216,8 +216,10 @@ _EXTRAS = st.lists(st.sampled_from([
     "X-Secret: 1", "X-Forwarded-For: 6.6.6.6", "Forwarded: for=6.6.6.6", "X-Request-Id: fixed-id",
     "Accept: text/html", "Accept: application/json", "Host: dup.example", "Upgrade: websocket",
     "Expect: 100-continue", "Authorization: Basic dTpw", "TE: trailers", "User-Agent: a",
+    "X-Forwarded-Uri: /admin", "X-Forwarded-Method: POST",
 ]), max_size=4, unique=True)
-_PATHS = st.sampled_from(["/u", "/u", "/u/a%2Fb", "/oauth2/userinfo", "/oauth2", "/oauth2x/y", "http://h/u"])
+_PATHS = st.sampled_from(["/u", "/u", "/u/a%2Fb", "/oauth2/userinfo", "/oauth2", "/oauth2x/y", "http://h/u",
+                          "/oauth2/auth", "/oauth2/auth"])
 _STATUS = st.sampled_from([200, 200, 201, 204, 302, 304, 404, 500])
 _FRAMING = st.sampled_from(["length", "length", "chunked", "close", "cut"])
 _SIZE = st.sampled_from([0, 7, 70_000])
@@ -229,9 +231,11 @@ def requests(draw: Any) -> tuple[list[str], bytes]:
     method = draw(_METHODS)
     version = draw(st.sampled_from(["1.1", "1.1", "1.0"]))
     path = draw(_PATHS)
-    query = (f"status={draw(_STATUS)}&framing={draw(_FRAMING)}&size={draw(_SIZE)}"
+    query = (f"?status={draw(_STATUS)}&framing={draw(_FRAMING)}&size={draw(_SIZE)}"
              f"&extra={','.join(draw(_UP_EXTRA))}")
-    lines = [f"{method.removesuffix('0')} {path}?{query} HTTP/{version}", "Host: 127.0.0.1:{PORT}"]
+    if path == "/oauth2/auth":  # nginx auth_request's check: the query only for allowed_groups
+        query = draw(st.sampled_from(["", "", "?allowed_groups=gateway-users", "?allowed_groups=nobody"]))
+    lines = [f"{method.removesuffix('0')} {path}{query} HTTP/{version}", "Host: 127.0.0.1:{PORT}"]
     cookie = draw(_COOKIES)
     if cookie.startswith("valid"):
         lines.append("Cookie: " + ("theme=dark; " if "other" in cookie else "") + "_gateway_session={COOKIE}")
@@ -250,7 +254,7 @@ def requests(draw: Any) -> tuple[list[str], bytes]:
 
 
 async def test_the_lane_answers_as_aiohttp_does(pair: Pair) -> None:
-    """Property: for any request (and a follow-up GET on the same connection when it is kept), the gateway
+    """Property: for any request (sent twice, then a follow-up GET, on one connection while it is kept), the gateway
     with the lane and the gateway without it send the same status, headers (but Date) and body, close the
     connection alike, and the upstream receives the same request head and body (echoed in the body)."""
     cookie_name = pair.lane.config.session.cookie_name
@@ -265,7 +269,7 @@ async def test_the_lane_answers_as_aiohttp_does(pair: Pair) -> None:
         answers = {}
         for gw in (pair.lane, pair.plain):
             port = pair.port(gw)
-            answers[gw is pair.lane] = [normalized(a, port) for a in exchange(port, [raw, follow])]
+            answers[gw is pair.lane] = [normalized(a, port) for a in exchange(port, [raw, raw, follow])]
         assert answers[True] == answers[False], lines
 
     await asyncio.to_thread(same)
@@ -357,3 +361,38 @@ async def test_a_lane_connection_keeps_the_listener_timeouts(gateway_factory: An
     assert 0.5 < await asyncio.to_thread(idle, b"") < 3
     assert 0.5 < await asyncio.to_thread(idle, b"GET /u HTTP/1.1\r\nHo") < 3
     assert (lane.answered - answered, lane.handed_over - handed_over) == (2, 0)
+
+
+async def test_the_lane_answers_the_plain_auth_request_check(pair: Pair) -> None:
+    """`{prefix}/auth` for a signed-in user is the lane's (202 and the X-Auth-Request-* headers); a check that
+    needs a refusal, or carries a query, is aiohttp's."""
+    name, prefix = pair.lane.config.session.cookie_name, pair.lane.config.server.prefix
+    port = pair.port(pair.lane)
+    lane = lane_of(pair.lane)
+
+    def check(extra: str, query: str = "") -> Answer:
+        raw = f"GET {prefix}/auth{query} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+        return exchange(port, [raw])[0]
+
+    answered, handed_over = lane.answered, lane.handed_over
+    granted = await asyncio.to_thread(check, f"Cookie: {name}={pair.cookie}\r\n")
+    assert granted.status == 202 and granted.body == b""
+    assert ("X-Auth-Request-User", "alice") in granted.head and ("Cache-Control", "no-store") in granted.head
+    assert (lane.answered - answered, lane.handed_over - handed_over) == (1, 0)
+    assert (await asyncio.to_thread(check, "")).status == 401
+    assert (await asyncio.to_thread(check, f"Cookie: {name}={pair.cookie}\r\n", "?allowed_groups=x")).status == 403
+    assert (lane.answered - answered, lane.handed_over - handed_over) == (1, 2)
+
+
+@pytest.mark.parametrize("lane", [True, False])
+async def test_a_streamed_body_of_unknown_length_ends_an_http_1_0_connection(gateway_factory: Any, scripted: str,
+                                                                              lane: bool) -> None:
+    """HTTP/1.0 has no chunked encoding: a body of unknown length runs to the close, so the connection closes
+    even when the client asked for keep-alive (aiohttp alone left it open, the client waiting for the end)."""
+    gw = await gateway_factory(upstream_url=scripted, lane=lane)
+    cookie = await session_cookie(gw)
+    raw = (f"GET /u?framing=chunked&size=100000 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+           f"Cookie: {gw.config.session.cookie_name}={cookie}\r\n\r\n").encode()
+    answer = (await asyncio.to_thread(exchange, int(gw.public_url.rsplit(":", 1)[1]), [raw]))[0]
+    assert answer.status == 200 and answer.closed and answer.body.endswith(b"x" * 100_000)
+    assert not any(name.lower() in ("transfer-encoding", "content-length") for name, _ in answer.head)

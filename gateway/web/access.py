@@ -68,7 +68,7 @@ class Access:
         return canonical_host(self._forwarded(request.headers, request.remote, "X-Forwarded-Host")
                               or request.headers.get("Host", ""))
 
-    def forwarded_request(self, request: web.BaseRequest) -> tuple[str | None, str | None, str | None]:
+    def forwarded_request(self, request: Sender) -> tuple[str | None, str | None, str | None]:
         """auth_request: the original (method, host, path) nginx passed, believed only from trusted_proxies.
 
         Unknown parts are None: the policy then assumes the strictest rule that could apply.

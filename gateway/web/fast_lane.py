@@ -47,8 +47,11 @@ from yarl import URL
 from gateway import keys, logs
 from gateway.errors import GatewayError
 from gateway.identity import Identity
+from gateway.sessions.store import SessionStore
+from gateway.web import auth_request
+from gateway.web.access import Access
 from gateway.web.pages import error_answer
-from gateway.web.proxy import PROXIES, SMALL_BODY, Exchange, Proxy, _describe, _upstream_error, admit
+from gateway.web.proxy import PROXIES, SMALL_BODY, Exchange, HeadMemo, Proxy, _describe, _upstream_error, admit
 from gateway.web.upstream_protocol import UpstreamConnection, UpstreamFailure
 
 log = logging.getLogger("gateway.proxy")
@@ -80,10 +83,23 @@ class _HandOver(Exception):
     """Raised from a parser callback: this request is aiohttp's (parsing stops here)."""
 
 
+class _Line:
+    """What a request's access log line says besides its request (as errors_middleware writes it)."""
+
+    __slots__ = ("login", "outcome", "status", "taken")
+
+    def __init__(self) -> None:
+        self.taken = False  # the lane answers it (else aiohttp does, and writes the line)
+        self.status = 500
+        self.login: str | None = None
+        self.outcome: str | None = None
+
+
 class LaneRequest:
     """The parts of a request proxy.admit and proxy.Exchange read (proxy.View), as aiohttp would present them."""
 
-    __slots__ = ("headers", "keep_alive", "length", "method", "path", "raw_path", "remote", "scheme", "version")
+    __slots__ = ("auth", "headers", "keep_alive", "length", "method", "path", "raw_path", "remote", "scheme",
+                 "version")
 
     body_exists = False  # the lane takes bodiless requests only
 
@@ -98,6 +114,7 @@ class LaneRequest:
         self.version = version
         self.keep_alive = keep_alive
         self.length = 0  # bytes of the connection's buffer this request's head takes (with any CRLF before it)
+        self.auth = False  # `{prefix}/auth` (nginx auth_request), not the catch-all
 
     @property
     def content(self) -> StreamReader:
@@ -113,12 +130,22 @@ class Lane:
         assert server is not None, "runner.setup() first"
         self.server = server
         prefix = self.app[keys.CONFIG].server.prefix
-        self.own = (prefix, prefix + "/")  # the gateway's own paths: aiohttp's
+        self.own = (prefix, prefix + "/")  # the gateway's own paths: aiohttp's (but for auth_path)
+        self.auth_path = prefix + "/auth"
         self.metrics = self.app[keys.METRICS]
         self.cancel_wait = cancel_wait
+        self.answers = _AnswerMemo()
         self.answered = 0  # requests the lane answered, and connections it handed over (tests read them)
         self.handed_over = 0
         self._proxies: tuple[Proxy, ...] | None = None
+
+    @property
+    def access(self) -> Access:
+        return self.app[keys.ACCESS]
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self.app[keys.SESSIONS]
 
     @property
     def proxies(self) -> tuple[Proxy, ...]:
@@ -146,7 +173,10 @@ class LaneConnection(asyncio.Protocol):
         "_headers",
         "_idle_timeout",
         "_lane",
+        "_last_block",
+        "_last_headers",
         "_loop",
+        "_memo",
         "_on_lost",
         "_parsed",
         "_parser",
@@ -191,6 +221,9 @@ class LaneConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._remote: str | None = None
         self._scheme = "http"
+        self._last_block = b"\0"  # the header block of the last request taken (never matches a real one at first)
+        self._last_headers: CIMultiDict[str] | None = None  # ... parsed
+        self._memo: HeadMemo | None = None  # the upstream header block of the last request relayed
 
     # ---- asyncio.Protocol --------------------------------------------------------------------------------
 
@@ -308,6 +341,13 @@ class LaneConnection(asyncio.Protocol):
         line_end = raw.find(b"\r\n", begin)
         if raw[line_end - 9:line_end] not in _VERSIONS:  # llhttp also reads RTSP/ and ICE/ requests
             raise _HandOver
+        block = raw[line_end - 9:raw.find(b"\r\n\r\n", line_end)]  # the version too: Host is needed in 1.1
+        if block == self._last_block:
+            # A kept-alive client sends the same headers request after request: the same parsed headers (and
+            # so the connection's HeadMemo holds for the upstream's block too). Every check below is on them alone.
+            cached = self._last_headers
+            assert cached is not None
+            return self._request(parser, cached)
         headers = self._headers
         if len(headers) > MAX_HEADERS:
             raise _HandOver
@@ -329,15 +369,29 @@ class LaneConnection(asyncio.Protocol):
                           value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
         if b"host" not in seen and parser.get_http_version() == "1.1":
             raise _HandOver  # aiohttp refuses an HTTP/1.1 request without Host
+        parsed = CIMultiDict(pairs)
+        request = self._request(parser, parsed)
+        self._last_block, self._last_headers = bytes(block), parsed
+        return request
+
+    def _request(self, parser: httptools.HttpRequestParser, headers: CIMultiDict[str]) -> LaneRequest:
+        url = self._url
         raw_path = url.decode("utf-8", "surrogateescape")
         path = raw_path.partition("?")[0].partition("#")[0]
         if "%" in path:
             path = URL.build(path=path, encoded=True).path  # aiohttp's rel_url.path
+        method = parser.get_method().decode("ascii")
+        auth = False
         own = self._lane.own
         if path == own[0] or path.startswith(own[1]):
-            raise _HandOver
-        return LaneRequest(parser.get_method().decode("ascii"), raw_path, path, CIMultiDict(pairs), self._remote,
-                           self._scheme, parser.get_http_version(), parser.should_keep_alive())
+            # The gateway's own paths are aiohttp's, but for the plainest auth_request check (a query: aiohttp's).
+            if path != self._lane.auth_path or method != "GET" or raw_path != path:
+                raise _HandOver
+            auth = True
+        request = LaneRequest(method, raw_path, path, headers, self._remote, self._scheme,
+                              parser.get_http_version(), parser.should_keep_alive())
+        request.auth = auth
+        return request
 
     # ---- answering -------------------------------------------------------------------------------------
 
@@ -384,50 +438,77 @@ class LaneConnection(asyncio.Protocol):
         started = time.perf_counter()
         request_id = logs.request_id(request.headers.get("X-Request-Id"))
         context = logs.REQUEST_ID.set(request_id)
+        line = _Line()
         try:
-            try:
-                proxy, identity, decision = await admit(self._lane.proxies, request)
-            except GatewayError:
-                return False  # aiohttp answers it again from the start (its page, its log line)
-            if decision.outcome != "allow":
-                return False
-            status = 500
-            outcome = None
-            self._lane.answered += 1
-            exchange = Exchange()
-            try:
-                try:
-                    conn = await exchange.send(proxy, request, identity)
-                    status = conn.status
-                    outcome = await self._relay(proxy, request, conn)
-                except GatewayError as err:
-                    status = err.status
-                    if status >= 500:
-                        _app_log.warning("request failed", extra={
-                            "request_id": request_id, "path": request.path, "status": status, "error": err.code,
-                            "cause": err.cause})
-                    self._answer(request, err, request_id)
-                except (asyncio.CancelledError, ConnectionResetError):
-                    raise
-                except Exception:
-                    _app_log.exception("unhandled error", extra={"request_id": request_id})
-                    self._answer(request, GatewayError("The gateway failed to handle this request"), request_id)
-                    status = 500
-            finally:
-                await exchange.end()
-                elapsed = time.perf_counter() - started
-                self._lane.metrics.request(status, elapsed)
-                logs.ACCESS.write(request_id, request.method, request.path, status, elapsed, request.remote,
-                                  identity.login if isinstance(identity, Identity) else None,
-                                  **({"outcome": outcome} if outcome else {}))
-            return True
+            if request.auth:
+                return await self._auth(request, line)
+            return await self._proxy(request, request_id, line)
         finally:
+            if line.taken:  # the line errors_middleware writes
+                elapsed = time.perf_counter() - started
+                self._lane.metrics.request(line.status, elapsed)
+                logs.ACCESS.write(request_id, request.method, request.path, line.status, elapsed, request.remote,
+                                  line.login, **({"outcome": line.outcome} if line.outcome else {}))
             logs.REQUEST_ID.reset(context)
+
+    async def _proxy(self, request: LaneRequest, request_id: str, line: _Line) -> bool:
+        """The catch-all (proxy.handle): admitted and allowed, relayed; else aiohttp's."""
+        try:
+            proxy, identity, decision = await admit(self._lane.proxies, request)
+        except GatewayError:
+            return False  # aiohttp answers it again from the start (its page, its log line)
+        if decision.outcome != "allow":
+            return False
+        line.taken = True
+        if isinstance(identity, Identity):
+            line.login = identity.login
+        self._lane.answered += 1
+        exchange = Exchange()
+        try:
+            memo = self._memo
+            if memo is None:
+                memo = self._memo = HeadMemo()
+            conn = await exchange.send(proxy, request, identity, memo=memo)
+            line.status = conn.status
+            line.outcome = await self._relay(proxy, request, conn)
+        except GatewayError as err:
+            line.status = err.status
+            if err.status >= 500:
+                _app_log.warning("request failed", extra={
+                    "request_id": request_id, "path": request.path, "status": err.status, "error": err.code,
+                    "cause": err.cause})
+            self._answer(request, err, request_id)
+        except (asyncio.CancelledError, ConnectionResetError):
+            line.status = 500  # as errors_middleware logs a request whose client went away
+            raise
+        except Exception:
+            _app_log.exception("unhandled error", extra={"request_id": request_id})
+            line.status = 500
+            self._answer(request, GatewayError("The gateway failed to handle this request"), request_id)
+        finally:
+            await exchange.end()
+        return True
+
+    async def _auth(self, request: LaneRequest, line: _Line) -> bool:
+        """`{prefix}/auth` (auth_request.auth) when the policy allows: the 202; anything else is aiohttp's."""
+        lane = self._lane
+        try:
+            found, decision, host, uri = await auth_request.check(lane.access, lane.sessions, request)
+        except GatewayError:
+            return False
+        if decision.outcome != "allow":
+            return False
+        identity = found if isinstance(found, Identity) else None
+        line.taken = True
+        line.status = 202
+        line.login = identity.login if identity is not None else None
+        lane.answered += 1
+        self._write_whole(request, 202, list(auth_request.granted(lane.app, identity, host, uri).items()), b"")
+        return True
 
     async def _relay(self, proxy: Proxy, request: LaneRequest, conn: UpstreamConnection) -> str | None:
         """The upstream's response to the client; "truncated" when the upstream failed in the middle of it."""
         status = conn.status
-        headers = proxy.policy.relayed_response_headers(conn.headers)
         length = conn.content_length
         method = request.method
         if (length is not None and length <= SMALL_BODY) or method == "HEAD" or status in _EMPTY_STATUS:
@@ -436,10 +517,11 @@ class LaneConnection(asyncio.Protocol):
             except UpstreamFailure as exc:
                 raise _upstream_error(proxy, "response body", exc) from None
             conn.finish()
-            self._write_whole(request, status, headers, body)
+            self._relay_whole(proxy, request, conn, body)
             return None
         if conn.failed is not None:  # nothing sent yet: the client may still get an honest 502
             raise _upstream_error(proxy, "response body", conn.failed)
+        headers = proxy.policy.relayed_response_headers(conn.headers)
         chunked = length is None and request.version == "1.1"
         keep_alive = request.keep_alive and (length is not None or chunked)
         request.keep_alive = keep_alive
@@ -470,24 +552,32 @@ class LaneConnection(asyncio.Protocol):
         return None
 
     def _write_whole(self, request: LaneRequest, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """A response whose body is in hand (aiohttp's web.Response): Content-Length as aiohttp sets it."""
+        """A response whose body is in hand (aiohttp's web.Response)."""
         transport = self._transport
         if transport is None:
             raise ConnectionResetError("the client closed the connection")
-        empty = status in _EMPTY_STATUS or status < 200 or request.method == "HEAD"
-        length = None
-        for name, value in headers:
-            if len(name) == 14 and name.lower() == "content-length":
-                length = int(value)
-        if status in _EMPTY_STATUS:
-            headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
-            length = None
-        elif length is None and (body or request.method != "HEAD"):
-            length = len(body)
-            headers.append(("Content-Length", str(length)))
-        head = _head(request, status, headers, length=length, chunked=False, keep_alive=request.keep_alive,
-                     closing=self._closing, empty=empty)
-        transport.write(head if empty or not body else head + body)
+        head, with_body, _ = _whole_head(request, status, headers, body, closing=self._closing)
+        transport.write(head + body if with_body and body else head)
+
+    def _relay_whole(self, proxy: Proxy, request: LaneRequest, conn: UpstreamConnection, body: bytes) -> None:
+        """An upstream response read whole. Its head is the last one's when the upstream's head and everything
+        else that shapes it are the same (Lane.answers): an upstream serving one kind of page sends the same
+        head again and again (its Date moves once a second)."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        memo = self._lane.answers
+        key = (conn.status, request.method, len(body), request.version, request.keep_alive, self._closing)
+        raw = conn.raw_headers
+        if memo.key == key and memo.raw == raw:
+            head, with_body, request.keep_alive = memo.head, memo.with_body, memo.keep_alive
+        else:
+            headers = proxy.policy.relayed_response_headers(conn.headers)
+            head, with_body, lasting = _whole_head(request, conn.status, headers, body, closing=self._closing)
+            if lasting:
+                memo.key, memo.raw, memo.head, memo.with_body = key, raw, head, with_body
+                memo.keep_alive = request.keep_alive
+        transport.write(head + body if with_body and body else head)
 
     def _answer(self, request: LaneRequest, err: GatewayError, request_id: str) -> None:
         """The page (or JSON) for `err`, as pages.render answers it."""
@@ -585,6 +675,44 @@ class LaneConnection(asyncio.Protocol):
             await asyncio.wait({task}, timeout=self._lane.cancel_wait)
         if self._transport is not None:
             self._transport.close()
+
+
+def _whole_head(request: LaneRequest, status: int, headers: list[tuple[str, str]], body: bytes, *,
+                closing: bool) -> tuple[bytes, bool, bool]:
+    """(head, whether the body follows it, whether the head holds for the same upstream head later) of a
+    response whose body is in hand: Content-Length as aiohttp's web.Response sets it."""
+    empty = status in _EMPTY_STATUS or status < 200 or request.method == "HEAD"
+    length = None
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            length = int(value)
+    if status in _EMPTY_STATUS:
+        headers = [(n, v) for n, v in headers if n.lower() != "content-length"]
+        length = None
+    elif length is None and (body or request.method != "HEAD"):
+        length = len(body)
+        headers.append(("Content-Length", str(length)))
+    head = _head(request, status, headers, length=length, chunked=False, keep_alive=request.keep_alive,
+                 closing=closing, empty=empty)
+    return head, not empty, _has_date(headers)
+
+
+def _has_date(headers: list[tuple[str, str]]) -> bool:
+    """A head of ours without the upstream's Date carries our own, of this second only."""
+    return any(len(name) == 4 and name.lower() == "date" for name, _ in headers)
+
+
+class _AnswerMemo:
+    """The last head the lane made for an upstream response read whole (see LaneConnection._relay_whole)."""
+
+    __slots__ = ("head", "keep_alive", "key", "raw", "with_body")
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] = ()
+        self.raw: list[tuple[bytes, bytes]] = []
+        self.head = b""
+        self.with_body = False
+        self.keep_alive = False
 
 
 def _head(request: LaneRequest, status: int, headers: list[tuple[str, str]], *, length: int | None, chunked: bool,

@@ -61,7 +61,7 @@ from gateway.sessions.store import SessionStore
 from gateway.web import keepalive
 from gateway.web.access import Access, refuse, unknown_host
 from gateway.web.pages import NO_STORE
-from gateway.web.upstream_client import UpstreamPool, request_head
+from gateway.web.upstream_client import UpstreamPool, header_block, request_line
 from gateway.web.upstream_protocol import ConnectionDied, UpstreamConnection, UpstreamFailure
 
 log = logging.getLogger("gateway.proxy")
@@ -334,6 +334,32 @@ async def _relay_http(proxy: Proxy, request: web.Request, identity: Identity | A
         await exchange.end()
 
 
+class HeadMemo:
+    """The upstream header block of a client connection's last request (web/fast_lane.py keeps one per
+    connection). A kept-alive client sends the same headers request after request (the lane then hands over
+    the very same parsed headers), and the same headers from the same identity (the session cache's object,
+    replaced whenever the session changes) to the same upstream make the same block: built once, not per
+    request. Only bodiless requests without a signed assertion are kept."""
+
+    __slots__ = ("block", "bodiless_kind", "headers", "identity", "proxy")
+
+    def __init__(self) -> None:
+        self.headers: object = None
+        self.identity: object = None
+        self.proxy: object = None
+        self.bodiless_kind = False
+        self.block = b""
+
+    def holds(self, request: View, identity: Identity | Anonymous, proxy: Proxy, bodiless_kind: bool) -> bool:
+        return (self.headers is request.headers and self.identity is identity and self.proxy is proxy
+                and self.bodiless_kind == bodiless_kind and not request.body_exists)
+
+    def keep(self, request: View, identity: Identity | Anonymous, proxy: Proxy, bodiless_kind: bool,
+             block: bytes) -> None:
+        self.headers, self.identity, self.proxy = request.headers, identity, proxy
+        self.bodiless_kind, self.block = bodiless_kind, block
+
+
 class Exchange:
     """One request relayed over the upstream client: `send` it, relay the response, then always `end`."""
 
@@ -344,21 +370,30 @@ class Exchange:
         self.upload: asyncio.Future[None] | None = None
 
     async def send(self, proxy: Proxy, request: View, identity: Identity | Anonymous, *,
-                   strip_websocket: bool = False) -> UpstreamConnection:
+                   strip_websocket: bool = False, memo: HeadMemo | None = None) -> UpstreamConnection:
         """Send the request (its body streaming up) and wait for the response headers: the connection to read
-        the response from, or UpstreamError (502) / UpstreamTimeout (504)."""
-        headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
+        the response from, or UpstreamError (502) / UpstreamTimeout (504). `memo`: the client connection's
+        last upstream header block, reused when the same headers come from the same identity again."""
         method = request.method
         has_body = request.body_exists
         chunked = False
-        if has_body:
-            if "Content-Length" not in headers:  # the client's own length is kept; else the body is chunked
-                headers["Transfer-Encoding"] = "chunked"
-                chunked = True
-        elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
-            headers["Content-Length"] = "0"  # what aiohttp's client sent: some servers refuse a bodiless POST without
+        bodiless_kind = method in _NO_BODY_METHODS
+        if memo is not None and memo.holds(request, identity, proxy, bodiless_kind):
+            block = memo.block
+        else:
+            headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
+            if has_body:
+                if "Content-Length" not in headers:  # the client's own length is kept; else the body is chunked
+                    headers["Transfer-Encoding"] = "chunked"
+                    chunked = True
+            elif not bodiless_kind and "Content-Length" not in headers:
+                headers["Content-Length"] = "0"  # as aiohttp's client: some servers refuse a bodiless POST without
+            block = header_block(headers.items())
+            # The assertion is signed per request (its iat): a block carrying one is never reused.
+            if memo is not None and not has_body and not strip_websocket and proxy.access.assertion_header is None:
+                memo.keep(request, identity, proxy, bodiless_kind, block)
         pool = proxy.pool
-        head = request_head(method, pool.path + _path(proxy, request.raw_path), headers.items())
+        head = request_line(method, pool.path + _path(proxy, request.raw_path)) + block
         task = asyncio.current_task()
         assert task is not None
         deadlines = proxy.deadlines
@@ -441,6 +476,10 @@ async def _respond(proxy: Proxy, request: web.Request, conn: UpstreamConnection)
     if conn.failed is not None:  # nothing sent yet: the client may still get an honest 502
         raise _upstream_error(proxy, "response body", conn.failed)
     response = web.StreamResponse(status=status, headers=headers)
+    if length is None and request.version < aiohttp.HttpVersion11:
+        # The body runs to the close for an HTTP/1.0 client: close it, even if the client asked for keep-alive
+        # (aiohttp would leave it open, and the client waiting for the end of the body).
+        response.force_close()
     await response.prepare(request)
     try:
         while chunk := await conn.read():

@@ -109,13 +109,27 @@ class UpstreamPool:
 
 
 def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    """The request line and header block, ready for one write.
+    """The request line and header block, ready for one write."""
+    return request_line(method, target) + header_block(headers)
 
-    Names and values come from aiohttp's parser (which refused CR and LF in them) and from our own config and
-    identity (checked when they were read); one count of line breaks over the whole head is the last guard
-    that no value could start a header or a request of its own (response splitting's mirror image).
+
+def request_line(method: str, target: str) -> bytes:
+    """`METHOD target HTTP/1.1` and its line break (the target as the client sent it, which no parser lets hold
+    a line break; checked once more, as every head is)."""
+    line = f"{method} {target} HTTP/1.1\r\n"
+    if line.count("\n") != 1 or line.count("\r") != 1:
+        raise BadRequest("The request target holds a line break")
+    return line.encode("utf-8", "surrogateescape")
+
+
+def header_block(headers: Iterable[tuple[str, str]]) -> bytes:
+    """The header lines and the empty line that ends a head.
+
+    Names and values come from the client's parsed request (the parser refused CR and LF in them) and from our
+    own config and identity (checked when they were read); one count of line breaks over the whole block is the
+    last guard that no value could start a header or a request of its own (response splitting's mirror image).
     """
-    lines = [f"{method} {target} HTTP/1.1", *map(": ".join, headers), "", ""]
+    lines = [*map(": ".join, headers), "", ""]
     text = "\r\n".join(lines)
     if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
         raise BadRequest("A request header holds a line break")

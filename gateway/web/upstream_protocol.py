@@ -79,7 +79,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         # The current exchange (reset by start()).
         self.status = 0
-        self.headers: list[tuple[str, str]] = []
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # the final response's header lines, as parsed
+        self._headers: list[tuple[str, str]] | None = []
         self._raw: list[tuple[bytes, bytes]] = []  # the head being parsed
         self.content_length: int | None = None
         self.keep_alive = False
@@ -99,13 +100,25 @@ class UpstreamConnection(asyncio.Protocol):
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The final response's headers, decoded as aiohttp decodes them (surrogateescape): any byte the upstream
+        sent is sent on unchanged."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = [
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+                for name, value in self.raw_headers]
+        return headers
+
     # ---- the exchange, as the relay drives it ------------------------------------------------------------
 
     def start(self, head: bytes, *, is_head: bool, has_body: bool) -> None:
         """Send a request head (the whole head in one write); its body, if any, follows with write/drain."""
         self.busy = True
         self.status = 0
-        self.headers = []
+        self.raw_headers = []
+        self._headers = []
         self._raw = []
         self.content_length = None
         self.keep_alive = False
@@ -285,9 +298,8 @@ class UpstreamConnection(asyncio.Protocol):
         for name, value in raw:
             if len(name) in _FRAMING_LENGTHS:
                 self._framing(name.lower(), value)
-        # aiohttp's own decoding (surrogateescape): any byte the upstream sent is sent on unchanged.
-        self.headers = [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-                        for name, value in raw]
+        self.raw_headers = raw
+        self._headers = None  # decoded when asked for: the lane may serve a head it made before (fast_lane.py)
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()
         self._final = True
