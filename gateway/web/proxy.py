@@ -196,8 +196,17 @@ async def admit(proxies: tuple[Proxy, ...], request: View) -> tuple[Proxy, Ident
     return proxy, identity, decision
 
 
+def _assertion(proxy: Proxy, identity: Identity | Anonymous) -> str | None:
+    """SPEC §13's signed identity for this upstream, when configured (the signer's cached token: the same
+    string object until it is renewed)."""
+    access = proxy.access
+    if access.assertion_header is not None and access.signer is not None and isinstance(identity, Identity):
+        return access.signer.token(identity, identity.sid_hash, proxy.audience)
+    return None
+
+
 def _upstream_headers(proxy: Proxy, request: View, identity: Identity | Anonymous, *,
-                      websocket: bool = False) -> CIMultiDict[str]:
+                      websocket: bool = False, assertion: str | None = None) -> CIMultiDict[str]:
     # The direct peer and our own view: the policy decides whether the peer's forwarding claims count.
     incoming = request.headers
     headers = proxy.policy.upstream_request_headers(
@@ -209,9 +218,9 @@ def _upstream_headers(proxy: Proxy, request: View, identity: Identity | Anonymou
     headers.popall("Expect", None)
     if isinstance(identity, Identity) and identity.via_token:
         headers.popall("Authorization", None)  # SPEC §14: the token is the gateway's, never the tool's
-    access = proxy.access
-    if access.assertion_header is not None and access.signer is not None and isinstance(identity, Identity):
-        headers[access.assertion_header] = access.signer.token(identity, identity.sid_hash, proxy.audience)
+    if assertion is not None:
+        assert proxy.access.assertion_header is not None
+        headers[proxy.access.assertion_header] = assertion
     return headers
 
 
@@ -338,26 +347,29 @@ class HeadMemo:
     """The upstream header block of a client connection's last request (web/fast_lane.py keeps one per
     connection). A kept-alive client sends the same headers request after request (the lane then hands over
     the very same parsed headers), and the same headers from the same identity (the session cache's object,
-    replaced whenever the session changes) to the same upstream make the same block: built once, not per
-    request. Only bodiless requests without a signed assertion are kept."""
+    replaced whenever the session changes) with the same signed assertion (the signer's cached token, renewed
+    before it expires) to the same upstream make the same block: built once, not per request. Only bodiless
+    requests are kept."""
 
-    __slots__ = ("block", "bodiless_kind", "headers", "identity", "proxy")
+    __slots__ = ("assertion", "block", "bodiless_kind", "headers", "identity", "proxy")
 
     def __init__(self) -> None:
         self.headers: object = None
         self.identity: object = None
         self.proxy: object = None
         self.bodiless_kind = False
+        self.assertion: str | None = None
         self.block = b""
 
-    def holds(self, request: View, identity: Identity | Anonymous, proxy: Proxy, bodiless_kind: bool) -> bool:
+    def holds(self, request: View, identity: Identity | Anonymous, proxy: Proxy, bodiless_kind: bool,
+              assertion: str | None) -> bool:
         return (self.headers is request.headers and self.identity is identity and self.proxy is proxy
-                and self.bodiless_kind == bodiless_kind and not request.body_exists)
+                and self.bodiless_kind == bodiless_kind and self.assertion is assertion and not request.body_exists)
 
     def keep(self, request: View, identity: Identity | Anonymous, proxy: Proxy, bodiless_kind: bool,
-             block: bytes) -> None:
+             assertion: str | None, block: bytes) -> None:
         self.headers, self.identity, self.proxy = request.headers, identity, proxy
-        self.bodiless_kind, self.block = bodiless_kind, block
+        self.bodiless_kind, self.assertion, self.block = bodiless_kind, assertion, block
 
 
 class Exchange:
@@ -378,10 +390,11 @@ class Exchange:
         has_body = request.body_exists
         chunked = False
         bodiless_kind = method in _NO_BODY_METHODS
-        if memo is not None and memo.holds(request, identity, proxy, bodiless_kind):
+        assertion = _assertion(proxy, identity)
+        if memo is not None and memo.holds(request, identity, proxy, bodiless_kind, assertion):
             block = memo.block
         else:
-            headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket)
+            headers = _upstream_headers(proxy, request, identity, websocket=strip_websocket, assertion=assertion)
             if has_body:
                 if "Content-Length" not in headers:  # the client's own length is kept; else the body is chunked
                     headers["Transfer-Encoding"] = "chunked"
@@ -389,9 +402,8 @@ class Exchange:
             elif not bodiless_kind and "Content-Length" not in headers:
                 headers["Content-Length"] = "0"  # as aiohttp's client: some servers refuse a bodiless POST without
             block = header_block(headers.items())
-            # The assertion is signed per request (its iat): a block carrying one is never reused.
-            if memo is not None and not has_body and not strip_websocket and proxy.access.assertion_header is None:
-                memo.keep(request, identity, proxy, bodiless_kind, block)
+            if memo is not None and not has_body and not strip_websocket:
+                memo.keep(request, identity, proxy, bodiless_kind, assertion, block)
         pool = proxy.pool
         head = request_line(method, pool.path + _path(proxy, request.raw_path)) + block
         task = asyncio.current_task()
@@ -528,7 +540,7 @@ def _requested_subprotocols(request: web.Request) -> tuple[str, ...]:
 
 async def _relay_websocket(proxy: Proxy, request: web.Request,
                            identity: Identity | Anonymous) -> web.StreamResponse:
-    headers = _upstream_headers(proxy, request, identity, websocket=True)
+    headers = _upstream_headers(proxy, request, identity, websocket=True, assertion=_assertion(proxy, identity))
     url = _target(proxy, request.raw_path)
     loop = asyncio.get_running_loop()
     started = loop.time()
