@@ -48,9 +48,16 @@ async def slow_upstream() -> AsyncIterator[tuple[str, asyncio.Event]]:
         await asyncio.sleep(120)
         return web.Response(text="too late")
 
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.sleep(1.5)
+        return web.Response(text="slow but here")
+
     app = web.Application()
     app.router.add_post("/upload", upload)
     app.router.add_post("/hang", hang)
+    app.router.add_get("/hang", hang)
+    app.router.add_get("/slow", slow)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     yield str(server.make_url("")).rstrip("/"), arrived
@@ -62,7 +69,7 @@ async def run_gateway(write_config, ports, upstream: str, **server: object) -> a
     config = write_config(
         server={"listen": f"127.0.0.1:{public_port}", "public_url": f"http://127.0.0.1:{public_port}", **server},
         admin={"listen": f"127.0.0.1:{admin_port}"}, upstream={"url": upstream, "timeout": "60s"},
-        routes={"public": ["^/(upload|hang)$"]}, log={"level": "info", "format": "json"})
+        routes={"public": ["^/(upload|hang|slow)$"]}, log={"level": "info", "format": "json"})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "run", "-c", str(config), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -113,6 +120,59 @@ async def test_shutdown_is_bounded_by_the_grace_once(write_config, slow_upstream
         assert code == 0
         # The request had its grace (2 s), once: not twice, and not aiohttp's 60 s default.
         assert 1.9 <= took < 2 + STOP_MARGIN, took
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _raw_get(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A GET on a connection of our own (the proxied path's own server takes it; no client library retries)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def test_sigterm_lets_a_proxied_get_finish_and_closes_idle_connections(write_config, slow_upstream,
+                                                                            unused_tcp_port_factory):
+    """The lane's connections (web/fast_lane.py) shut down as aiohttp's: a request in flight is answered, an
+    idle kept-alive connection is closed at once."""
+    upstream, arrived = slow_upstream
+    ports = unused_tcp_port_factory(), unused_tcp_port_factory()
+    proc = await run_gateway(write_config, ports, upstream, shutdown_grace="20s")
+    try:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", ports[0])
+        reader, writer = await _raw_get(ports[0], "/slow")
+        await asyncio.wait_for(arrived.wait(), 10)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # closed without waiting for the grace
+        answer = await asyncio.wait_for(reader.read(), 15)  # read to the close: the connection is not kept
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"slow but here"), answer
+        assert b"\r\nConnection: close\r\n" in answer
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        writer.close()
+        idle_writer.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_proxied_get_gets_the_grace_once(write_config, slow_upstream, unused_tcp_port_factory):
+    upstream, arrived = slow_upstream
+    ports = unused_tcp_port_factory(), unused_tcp_port_factory()
+    proc = await run_gateway(write_config, ports, upstream, shutdown_grace="2s")
+    try:
+        reader, writer = await _raw_get(ports[0], "/hang")
+        await asyncio.wait_for(arrived.wait(), 10)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # cut when the grace ran out, unanswered
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        took = time.monotonic() - started
+        assert 1.9 <= took < 2 + STOP_MARGIN, took
+        writer.close()
     finally:
         if proc.returncode is None:
             proc.kill()
