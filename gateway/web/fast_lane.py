@@ -52,7 +52,7 @@ from gateway.web import auth_request
 from gateway.web.access import Access
 from gateway.web.pages import error_answer
 from gateway.web.proxy import PROXIES, SMALL_BODY, Exchange, HeadMemo, Proxy, _describe, _upstream_error, admit
-from gateway.web.upstream_protocol import UpstreamConnection, UpstreamFailure
+from gateway.web.upstream_protocol import UpstreamConnection, UpstreamFailure, wake
 
 log = logging.getLogger("gateway.proxy")
 _app_log = logging.getLogger("gateway.app")  # where errors_middleware logs the same events
@@ -286,11 +286,8 @@ class LaneConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        wake(waiter)
 
     # ---- httptools callbacks -----------------------------------------------------------------------------
 

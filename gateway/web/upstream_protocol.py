@@ -42,6 +42,12 @@ MAX_HEAD = 64 * 1024
 _FRAMING_LENGTHS = frozenset((10, 14, 17))
 
 
+def wake(waiter: asyncio.Future[None] | None) -> None:
+    """Let whoever waits on `waiter` (a drain, a body read) go on, unless it gave up already."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class UpstreamFailure(Exception):
     """The upstream exchange failed; `str()` says how, for the log line (never for the client)."""
 
@@ -267,11 +273,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._drain_waiter = self._drain_waiter, None
+        wake(waiter)
 
     # ---- httptools callbacks ---------------------------------------------------------------------------
 
