@@ -452,8 +452,8 @@ class LaneConnection(asyncio.Protocol):
         """The catch-all (proxy.handle): admitted and allowed, relayed; else aiohttp's."""
         try:
             proxy, identity, decision = await admit(self._lane.proxies, request)
-        except GatewayError:
-            return False  # aiohttp answers it again from the start (its page, its log line)
+        except Exception:  # a GatewayError, or a bug: either way aiohttp's page and log line
+            return False  # aiohttp answers it again from the start
         if decision.outcome != "allow":
             return False
         line.taken = True
@@ -491,7 +491,7 @@ class LaneConnection(asyncio.Protocol):
         lane = self._lane
         try:
             found, decision, host, uri = await auth_request.check(lane.access, lane.sessions, request)
-        except GatewayError:
+        except Exception:  # as in _proxy: aiohttp answers it again
             return False
         if decision.outcome != "allow":
             return False
