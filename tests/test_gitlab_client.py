@@ -624,12 +624,36 @@ async def test_listing_that_shifts_between_pages_is_refused(make_client: MakeCli
         await client.fetch_groups(TOKEN)
 
 
-@pytest.mark.parametrize("item", [{"full_path": "a"}, {"id": 1}, {"id": 1, "full_path": ""}, "a"])
+@pytest.mark.parametrize("item", [{"full_path": "a"}, {"id": 1}, {"id": 1, "full_path": ""}, "a", None, [1],
+                                  {"id": True, "full_path": "a"}, {"id": 1.0, "full_path": "a"},
+                                  {"id": "1", "full_path": "a"}, {"id": 1, "full_path": 5},
+                                  {"id": 1, "full_path": None}])
 async def test_unexpected_group_shape_is_refused(make_client: MakeClient, scripted: Scripted,
                                                  item: Any) -> None:
     client = make_client(await scripted({"/api/v4/groups": pages(([item], {"X-Next-Page": ""}))}))
     with pytest.raises(GitLabUnavailable, match="unexpected shape"):
         await client.fetch_groups(TOKEN)
+
+
+@pytest.mark.parametrize(("body", "error"), [('{"message": "ok"}', "unexpected shape"),
+                                             ('"groups"', "unexpected shape"),
+                                             ('[{"id": 1, "full_path": "a"}', "invalid JSON"),
+                                             ("<html>maintenance</html>", "invalid JSON"),
+                                             ('[{"id": 1, "full_path": "a"}] []', "invalid JSON")])
+async def test_a_group_page_that_is_not_a_list_of_groups_is_refused(make_client: MakeClient, scripted: Scripted,
+                                                                   body: str, error: str) -> None:
+    client = make_client(await scripted({"/api/v4/groups": lambda request: web.Response(
+        text=body, content_type="application/json", headers={"X-Next-Page": ""})}))
+    with pytest.raises(GitLabUnavailable, match=error):
+        await client.fetch_groups(TOKEN)
+
+
+async def test_group_items_keep_only_id_and_path_whatever_else_they_carry(make_client: MakeClient,
+                                                                          scripted: Scripted) -> None:
+    items = [{"id": 1, "full_path": "a", "parent_id": None, "statistics": {"x": [1, {"y": None}]}, "name": "A"},
+             {"full_path": "a/b", "id": 2, "marked_for_deletion_on": "2026-01-01", "avatar_url": None}]
+    client = make_client(await scripted({"/api/v4/groups": pages((items, {"X-Next-Page": "", "X-Total": "2"}))}))
+    assert await client.fetch_groups(TOKEN) == (GitLabGroup("a", 1), GitLabGroup("a/b", 2))
 
 
 @pytest.mark.parametrize(("status", "payload", "error", "check"), [
