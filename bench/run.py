@@ -442,7 +442,7 @@ def main() -> int:
                         help="interleaved rounds of auth_request-cache/nginx-keepalive (0: skip)")
     parser.add_argument("--nginx-quota", type=int, default=30, metavar="PERCENT",
                         help="CPU quota of both nginx fronts in those rounds, in %% of one CPU (0: none)")
-    parser.add_argument("--signin-users", type=int, default=300, help="users signed in by the signin rows")
+    parser.add_argument("--signin-users", type=int, default=1000, help="users signed in by each signin row")
     parser.add_argument("--profile", default="", metavar="ROW",
                         help="record that row's server with py-spy during its measured run; print where its time goes")
     args = parser.parse_args()
