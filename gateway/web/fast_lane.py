@@ -271,9 +271,6 @@ class LaneConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("the client closed the connection"))
         task = self._task
         if task is not None and not task.done():
             task.cancel()  # the client went away: the upstream request goes too
@@ -419,6 +416,8 @@ class LaneConnection(asyncio.Protocol):
                 queue.clear()
                 self._stopped = True
                 break
+            if self._transport is None:
+                return  # the client went away as the answer went out
             del queue[0]
             del self._raw[:request.length]
             self._parsed -= request.length
@@ -585,6 +584,7 @@ class LaneConnection(asyncio.Protocol):
 
     async def _drain(self) -> None:
         if self._write_paused and self._transport is not None:
+            # The client going away cancels this task, and with it this wait (connection_lost).
             waiter = self._drain_waiter = self._loop.create_future()
             await waiter
 
