@@ -113,7 +113,7 @@ class LaneRequest:
         self.scheme = scheme
         self.version = version
         self.keep_alive = keep_alive
-        self.length = 0  # bytes of the connection's buffer this request's head takes (with any CRLF before it)
+        self.length = 0  # bytes of the connection's buffer this request takes (its head, any CRLF before it)
         self.auth = False  # `{prefix}/auth` (nginx auth_request), not the catch-all
 
     @property
@@ -306,16 +306,7 @@ class LaneConnection(asyncio.Protocol):
         if request is None:
             raise _HandOver  # llhttp finished a message the lane did not take (cannot happen: checked above)
         self._current = None
-        raw = self._raw
-        start = self._parsed
-        begin = start
-        while raw[begin:begin + 2] == b"\r\n":
-            begin += 2
-        end = raw.find(b"\r\n\r\n", begin)
-        if end < 0:
-            raise _HandOver
-        request.length = end + 4 - start
-        self._parsed = end + 4
+        self._parsed += request.length  # a bodiless request ends with its head
         self._queue.append(request)
         if self._task is None:
             self._due = None
@@ -335,13 +326,15 @@ class LaneConnection(asyncio.Protocol):
         line_end = raw.find(b"\r\n", begin)
         if raw[line_end - 9:line_end] not in _VERSIONS:  # llhttp also reads RTSP/ and ICE/ requests
             raise _HandOver
-        block = raw[line_end - 9:raw.find(b"\r\n\r\n", line_end)]  # the version too: Host is needed in 1.1
+        end = raw.find(b"\r\n\r\n", line_end)  # the head is all in: llhttp just ended it
+        length = end + 4 - self._parsed  # with any CRLF before the request line
+        block = raw[line_end - 9:end]  # the version too: Host is needed in 1.1
         if block == self._last_block:
             # A kept-alive client sends the same headers request after request: the same parsed headers (and
             # so the connection's HeadMemo holds for the upstream's block too). Every check below is on them alone.
             cached = self._last_headers
             assert cached is not None
-            return self._request(parser, cached)
+            return self._request(parser, cached, length)
         headers = self._headers
         if len(headers) > MAX_HEADERS:
             raise _HandOver
@@ -364,11 +357,11 @@ class LaneConnection(asyncio.Protocol):
         if b"host" not in seen and parser.get_http_version() == "1.1":
             raise _HandOver  # aiohttp refuses an HTTP/1.1 request without Host
         parsed = CIMultiDict(pairs)
-        request = self._request(parser, parsed)
+        request = self._request(parser, parsed, length)
         self._last_block, self._last_headers = bytes(block), parsed
         return request
 
-    def _request(self, parser: httptools.HttpRequestParser, headers: CIMultiDict[str]) -> LaneRequest:
+    def _request(self, parser: httptools.HttpRequestParser, headers: CIMultiDict[str], length: int) -> LaneRequest:
         url = self._url
         raw_path = url.decode("utf-8", "surrogateescape")
         path = raw_path.partition("?")[0].partition("#")[0]
@@ -385,6 +378,7 @@ class LaneConnection(asyncio.Protocol):
         request = LaneRequest(method, raw_path, path, headers, self._remote, self._scheme,
                               parser.get_http_version(), parser.should_keep_alive())
         request.auth = auth
+        request.length = length
         return request
 
     # ---- answering -------------------------------------------------------------------------------------
@@ -524,8 +518,9 @@ class LaneConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             raise ConnectionResetError("the client closed the connection")
-        transport.write(_head(request, status, headers, length=length, chunked=chunked, keep_alive=keep_alive,
-                              closing=self._closing))
+        head, _ = _head(request, status, headers, length=length, chunked=chunked, keep_alive=keep_alive,
+                        closing=self._closing)
+        transport.write(head)
         try:
             while chunk := await conn.read():
                 if transport.is_closing():
@@ -689,14 +684,9 @@ def _whole_head(request: LaneRequest, status: int, headers: list[tuple[str, str]
     elif length is None and (body or request.method != "HEAD"):
         length = len(body)
         headers.append(("Content-Length", str(length)))
-    head = _head(request, status, headers, length=length, chunked=False, keep_alive=request.keep_alive,
-                 closing=closing, empty=empty)
-    return head, not empty, _has_date(headers)
-
-
-def _has_date(headers: list[tuple[str, str]]) -> bool:
-    """A head of ours without the upstream's Date carries our own, of this second only."""
-    return any(len(name) == 4 and name.lower() == "date" for name, _ in headers)
+    head, stamped = _head(request, status, headers, length=length, chunked=False, keep_alive=request.keep_alive,
+                          closing=closing, empty=empty)
+    return head, not empty, not stamped  # a Date of our own holds for this second only
 
 
 class _AnswerMemo:
@@ -713,10 +703,11 @@ class _AnswerMemo:
 
 
 def _head(request: LaneRequest, status: int, headers: list[tuple[str, str]], *, length: int | None, chunked: bool,
-          keep_alive: bool, closing: bool, empty: bool = False) -> bytes:
+          keep_alive: bool, closing: bool, empty: bool = False) -> tuple[bytes, bool]:
     """The status line and header block of a response, with what aiohttp's response adds to relayed headers:
     the framing (Transfer-Encoding, or Content-Length), a default Content-Type when there is a body, Date,
-    Server, and Connection when the connection's fate differs from the version's default."""
+    Server, and Connection when the connection's fate differs from the version's default; and whether the
+    Date is ours."""
     version = request.version
     lines = [f"HTTP/{version} {status} {_REASONS.get(status, '')}"]
     has_type = has_date = has_server = False
@@ -746,4 +737,4 @@ def _head(request: LaneRequest, status: int, headers: list[tuple[str, str]], *, 
     if not keep:
         request.keep_alive = False
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), not has_date
